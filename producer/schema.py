@@ -1,0 +1,132 @@
+"""The job contract shared by producers and workers (pydantic v2).
+
+A request is validated by the producer before it is enqueued and again by the worker
+before it runs, so a job written to Redis by other means cannot smuggle in bad fields.
+Results and failures are what the worker writes back to the job record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from producer.failures import FailureCode
+
+AUDIO_SCHEMES = ("s3", "file")
+JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+
+
+def _check_uri(uri: str, what: str) -> str:
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc or len(parsed.netloc) < 3:
+            raise ValueError(f"{what} {uri!r}: s3 URIs need a bucket name (s3://bucket/key)")
+    elif parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+            raise ValueError(f"{what} {uri!r}: file URIs need an absolute path (file:///abs/path)")
+    else:
+        raise ValueError(f"{what} {uri!r}: scheme must be one of {', '.join(AUDIO_SCHEMES)}")
+    return uri
+
+
+class JobRequest(BaseModel):
+    """What to do with one audio object."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    audio_uri: str = Field(description="s3://bucket/key, or file:///abs/path for local use")
+    task: Literal["transcribe", "translate", "prompt"] = "transcribe"
+    target_language: str | None = Field(None, description="required for task=translate")
+    prompt: str | None = Field(None, description="the instruction, required for task=prompt")
+    language: str | None = Field(None, description="hint: the language spoken in the audio")
+    max_new_tokens: int | None = Field(None, ge=1, description="None: the worker's default")
+    output_uri: str | None = Field(None, description="prefix to write <job_id>.json/.txt under")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="free-form, echoed back")
+
+    @field_validator("audio_uri")
+    @classmethod
+    def _audio_uri(cls, v: str) -> str:
+        _check_uri(v, "audio_uri")
+        if urlparse(v).scheme == "s3" and not urlparse(v).path.strip("/"):
+            raise ValueError(f"audio_uri {v!r}: names a bucket but no object key")
+        return v
+
+    @field_validator("output_uri")
+    @classmethod
+    def _output_uri(cls, v: str | None) -> str | None:
+        return None if v is None else _check_uri(v, "output_uri")
+
+    @field_validator("prompt", "target_language", "language")
+    @classmethod
+    def _non_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> "JobRequest":
+        if self.task == "translate" and not self.target_language:
+            raise ValueError("task 'translate' needs target_language")
+        if self.task == "prompt" and not self.prompt:
+            raise ValueError("task 'prompt' needs prompt")
+        if self.task != "prompt" and self.prompt:
+            raise ValueError(f"prompt is only for task 'prompt', not {self.task!r}")
+        return self
+
+    def derived_job_id(self) -> str:
+        """A stable id from everything that shapes the output (metadata excluded).
+
+        Re-enqueueing the same request therefore names the same job, which RQ's ``unique``
+        enqueue refuses to create twice.
+        """
+        key = self.model_dump(mode="json", exclude={"metadata"})
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        return f"aq-{digest[:32]}"
+
+
+class Segment(BaseModel):
+    start: float
+    end: float
+    text: str
+
+
+class JobResult(BaseModel):
+    """A finished job's output."""
+
+    text: str
+    segments: list[Segment]
+    model: str
+    audio_seconds: float
+    timings: dict[str, float] = Field(description="seconds per stage: fetch, decode_audio, front_end, ...")
+    worker: str
+    tokens: int = Field(description="generated tokens, stop token excluded")
+    audio_tokens: int = Field(description="audio soft tokens fed to the decoder")
+    output_uris: list[str] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobFailure(BaseModel):
+    """Why a job did not produce a result."""
+
+    code: FailureCode
+    message: str
+    retryable: bool
+    attempt: int = Field(ge=1)
+    worker: str | None = None
+    at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+class Progress(BaseModel):
+    """Where a running job is. ``chunk``/``chunks`` count long-audio chunks once they exist."""
+
+    stage: Literal[
+        "claimed", "fetch", "decode_audio", "front_end", "audio_tower", "prefill", "generate", "write"
+    ]
+    chunk: int | None = None
+    chunks: int | None = None
+    at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

@@ -1,0 +1,1 @@
+"""Gemma 4 (E2B/E4B) audio → text in MLX: front-end, audio tower, projector, decoder glue."""
