@@ -1,0 +1,34 @@
+"""Where a job's state lives in Redis: the one place both sides agree on names.
+
+An audioq job is an RQ job (JSON serializer) whose function is ``TASK_FUNC`` with the
+request dict as its only argument. Beside RQ's own fields, the job's ``meta`` holds:
+
+- ``META_REQUEST``: the validated request (also the argument), for listing without decoding;
+- ``META_PROGRESS``: a ``Progress`` dict while the job runs;
+- ``META_FAILURE``: a ``JobFailure`` dict once the job failed (RQ status ``failed``, or
+  ``canceled`` for a job canceled while queued);
+- ``META_ATTEMPT``: how many times a worker has started the job.
+
+A finished job's ``JobResult`` dict is the RQ return value (``job.return_value()``).
+Two plain keys support what ``SimpleWorker`` cannot do by itself: a cancel flag the
+worker checks at stage boundaries, and a per-job liveness beat that expires when the
+worker running it dies.
+"""
+
+TASK_FUNC = "worker.task.process_audio_job"
+SERIALIZER = "json"
+
+META_REQUEST = "request"
+META_PROGRESS = "progress"
+META_FAILURE = "failure"
+META_ATTEMPT = "attempt"
+
+KEY_PREFIX = "audioq:"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}cancel:{job_id}"
+
+
+def beat_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}beat:{job_id}"
