@@ -83,3 +83,36 @@ def make_tone(seconds: float, sr: int = 16000, freq: float = 440.0, channels: in
     t = np.arange(int(round(seconds * sr))) / sr
     wave = 0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * rng.standard_normal(t.size)
     return np.repeat(wave[:, None], channels, axis=1).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory: a random-weight checkpoint with the real architecture, built once per kind."""
+    from make_tiny_checkpoint import build_checkpoint
+
+    built: dict[tuple, Path] = {}
+
+    def get(preset: str = "e2b", **options) -> Path:
+        key = (preset, tuple(sorted(options.items())))
+        if key not in built:
+            name = "-".join([preset] + [f"{k}{v}" for k, v in sorted(options.items())])
+            built[key] = build_checkpoint(tmp_path_factory.mktemp(name), preset, **options)
+        return built[key]
+
+    return get
+
+
+_REPORT_LINES: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def report():
+    """Tests call ``report(line)`` for numbers worth reading; they print after the run."""
+    return _REPORT_LINES.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORT_LINES:
+        terminalreporter.section("audioq measurements")
+        for line in _REPORT_LINES:
+            terminalreporter.write_line(line)
