@@ -7,7 +7,10 @@ request dict as its only argument. Beside RQ's own fields, the job's ``meta`` ho
 - ``META_PROGRESS``: a ``Progress`` dict while the job runs;
 - ``META_FAILURE``: a ``JobFailure`` dict once the job failed (RQ status ``failed``, or
   ``canceled`` for a job canceled while queued);
-- ``META_ATTEMPT``: how many times a worker has started the job.
+- ``META_ATTEMPT``: how many times a worker has started the job;
+- ``META_RETRY``: the ``JobFailure`` of the latest attempt the worker put back for another
+  try (``storage_unavailable`` retried with backoff, ``worker_lost`` requeued by the reaper);
+- ``META_LOST``: how many times the job was requeued because its worker died.
 
 A finished job's ``JobResult`` dict is the RQ return value (``job.return_value()``).
 Two plain keys support what ``SimpleWorker`` cannot do by itself: a cancel flag the
@@ -22,6 +25,8 @@ META_REQUEST = "request"
 META_PROGRESS = "progress"
 META_FAILURE = "failure"
 META_ATTEMPT = "attempt"
+META_RETRY = "retry"
+META_LOST = "lost"
 
 KEY_PREFIX = "audioq:"
 
