@@ -1,0 +1,213 @@
+"""Producer enqueue paths: one job, many jobs, manifests, S3 prefixes. Real Redis, real S3 (moto)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from rq import SimpleWorker
+from rq.job import Job
+
+from producer import Client, record
+from producer.manifest import EnqueueItem, ManifestError
+from producer.schema import JobRequest
+from producer.settings import load_settings
+
+
+def echo_request(request: dict) -> dict:
+    """Stands in for the worker's task: proves a job's stored call decodes and runs."""
+    return {"echo": request["audio_uri"]}
+
+
+@pytest.fixture
+def client(redis_url, redis_conn):
+    return Client(load_settings(redis_url=redis_url, environ={}), connection=redis_conn)
+
+
+def queued_ids(redis_conn, name="default") -> list[str]:
+    return [v.decode() for v in redis_conn.lrange(f"rq:queue:{name}", 0, -1)]
+
+
+# ------------------------------------------------------------------ single enqueue
+def test_same_request_twice_is_one_job_queued_once(client, redis_conn):
+    first = client.enqueue({"audio_uri": "s3://audio/a.wav"})
+    second = client.enqueue(JobRequest(audio_uri="s3://audio/a.wav"))
+    assert first.created and not second.created
+    assert first.job_id == second.job_id == JobRequest(audio_uri="s3://audio/a.wav").derived_job_id()
+    assert queued_ids(redis_conn) == [first.job_id]
+
+
+def test_job_record_follows_the_contract(client):
+    request = JobRequest(audio_uri="s3://audio/a.wav", language="de", metadata={"batch": 7})
+    outcome = client.enqueue(request)
+    job = Job.fetch(outcome.job_id, connection=client.connection, serializer=record.SERIALIZER)
+    assert job.func_name == record.TASK_FUNC
+    assert job.args == [request.model_dump(mode="json")]
+    assert job.meta[record.META_REQUEST] == request.model_dump(mode="json")
+    assert job.result_ttl == client.settings.result_ttl and job.failure_ttl == client.settings.failure_ttl
+    s = client.settings
+    assert job.timeout > s.job_timeout_base + s.job_timeout_per_audio_second * s.max_audio_seconds
+
+
+def test_explicit_job_id_is_used_and_validated(client):
+    assert client.enqueue({"audio_uri": "s3://audio/a.wav"}, job_id="my-job_1").job_id == "my-job_1"
+    for bad in ("audio/a.wav", "a:b", "", "x" * 129):
+        with pytest.raises(ValueError):
+            client.enqueue({"audio_uri": "s3://audio/a.wav"}, job_id=bad)
+
+
+def test_invalid_request_is_refused_before_redis(client, redis_conn):
+    with pytest.raises(ValueError):
+        client.enqueue({"audio_uri": "s3://audio/a.wav", "task": "translate"})
+    assert redis_conn.dbsize() == 0
+
+
+@pytest.mark.parametrize("priority, queue", [("high", "high"), ("default", "default"), ("low", "low")])
+def test_priority_lands_in_its_queue(client, redis_conn, priority, queue):
+    outcome = client.enqueue({"audio_uri": "s3://audio/a.wav"}, priority=priority)
+    assert outcome.queue == queue
+    assert queued_ids(redis_conn, queue) == [outcome.job_id]
+
+
+def test_priorities_follow_the_configured_queue_order(redis_url, redis_conn):
+    settings = load_settings(redis_url=redis_url, environ={}, queues=["urgent", "normal", "bulk"],
+                             default_queue="normal")
+    client = Client(settings, connection=redis_conn)
+    assert [client.queue_name(priority=p) for p in ("high", "default", "low")] == ["urgent", "normal", "bulk"]
+    with pytest.raises(ValueError):
+        client.queue_name(queue="high")
+
+
+# -------------------------------------------------------------------- bulk enqueue
+def test_enqueue_many_twice_stays_duplicate_free(client, redis_conn):
+    requests = [{"audio_uri": f"s3://audio/{i:05d}.wav"} for i in range(3000)]
+    progress = []
+    started = time.perf_counter()
+    first = client.enqueue_many(requests, on_progress=lambda done, total: progress.append((done, total)))
+    elapsed = time.perf_counter() - started
+    second = client.enqueue_many(requests)
+    assert sum(o.created for o in first) == 3000
+    assert not any(o.created for o in second)
+    assert [o.job_id for o in first] == [o.job_id for o in second]
+    ids = queued_ids(redis_conn)
+    assert len(ids) == len(set(ids)) == 3000
+    assert progress[-1] == (3000, 3000)
+    assert elapsed < 20, f"3000 jobs took {elapsed:.1f} s"
+
+
+def test_enqueue_many_and_enqueue_agree_on_existence(client, redis_conn):
+    single = client.enqueue({"audio_uri": "s3://audio/0.wav"})
+    outcomes = client.enqueue_many([{"audio_uri": "s3://audio/0.wav"}, {"audio_uri": "s3://audio/1.wav"},
+                                    {"audio_uri": "s3://audio/1.wav"}])
+    assert [o.created for o in outcomes] == [False, True, False]
+    assert outcomes[0].job_id == single.job_id
+    assert not client.enqueue({"audio_uri": "s3://audio/1.wav"}).created
+    assert len(queued_ids(redis_conn)) == 2
+
+
+def test_enqueue_many_items_carry_their_own_id_and_priority(client, redis_conn):
+    outcomes = client.enqueue_many([
+        {"audio_uri": "s3://audio/a.wav", "job_id": "job-a", "priority": "high"},
+        EnqueueItem(request=JobRequest(audio_uri="s3://audio/b.wav"), priority="low"),
+        JobRequest(audio_uri="s3://audio/c.wav"),
+    ])
+    assert [(o.job_id, o.queue) for o in outcomes][0] == ("job-a", "high")
+    assert [o.queue for o in outcomes] == ["high", "low", "default"]
+    assert queued_ids(redis_conn, "high") == ["job-a"]
+
+
+def test_enqueue_many_with_one_bad_item_enqueues_nothing(client, redis_conn):
+    with pytest.raises(ManifestError) as caught:
+        client.enqueue_many([{"audio_uri": "s3://audio/a.wav"}, {"audio_uri": "http://x/y.wav"}])
+    assert caught.value.problems[0][0] == 2 and "item 2" in str(caught.value)
+    assert redis_conn.dbsize() == 0
+
+
+def test_bulk_enqueued_job_runs_like_a_single_one(client, redis_conn):
+    client.task_func = f"{__name__}.echo_request"
+    [outcome] = client.enqueue_many([{"audio_uri": "s3://audio/run.wav"}])
+    SimpleWorker([client.queue("default")], connection=redis_conn, serializer="json").work(burst=True)
+    job = Job.fetch(outcome.job_id, connection=redis_conn, serializer="json")
+    assert job.get_status() == "finished"
+    assert job.return_value() == {"echo": "s3://audio/run.wav"}
+    assert redis_conn.sismember("rq:queues", "rq:queue:default")
+
+
+# ----------------------------------------------------------------------- manifests
+def test_jsonl_manifest_enqueues_every_row(client, redis_conn, tmp_path):
+    path = tmp_path / "batch.jsonl"
+    rows = [{"audio_uri": "s3://audio/a.wav"},
+            {"audio_uri": "s3://audio/b.wav", "task": "translate", "target_language": "en", "job_id": "b-1"},
+            {"audio_uri": "s3://audio/c.wav", "priority": "low", "metadata": {"speaker": "x"}}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    outcomes = client.enqueue_manifest(str(path))
+    assert [o.created for o in outcomes] == [True, True, True]
+    assert outcomes[1].job_id == "b-1" and outcomes[2].queue == "low"
+    assert not any(o.created for o in client.enqueue_manifest(str(path)))
+
+
+def test_csv_manifest_reads_metadata_columns(client, tmp_path):
+    path = tmp_path / "batch.csv"
+    path.write_text("audio_uri,task,max_new_tokens,metadata,metadata.speaker,priority\n"
+                    's3://audio/a.wav,transcribe,128,"{""batch"": 3}",alice,high\n'
+                    "s3://audio/b.wav,,,,,\n")
+    a, b = client.enqueue_manifest(str(path))
+    status = client.status(a.job_id)
+    assert a.queue == "high" and b.queue == "default"
+    assert status.request.max_new_tokens == 128
+    assert status.request.metadata == {"batch": 3, "speaker": "alice"}
+
+
+def test_jsonl_manifest_with_bad_rows_enqueues_nothing_and_names_lines(client, redis_conn, tmp_path):
+    path = tmp_path / "batch.jsonl"
+    path.write_text('{"audio_uri": "s3://audio/a.wav"}\n'
+                    '{"audio_uri": "s3://audio/b.wav", "task": "prompt"}\n'
+                    "not json\n"
+                    '{"audio_uri": "s3://audio/c.wav", "bogus": 1}\n')
+    with pytest.raises(ManifestError) as caught:
+        client.enqueue_manifest(str(path))
+    assert [n for n, _ in caught.value.problems] == [2, 3, 4]
+    assert "line 2" in str(caught.value) and "bogus" in str(caught.value)
+    assert redis_conn.dbsize() == 0
+
+
+def test_csv_manifest_with_bad_row_names_its_line(client, redis_conn, tmp_path):
+    path = tmp_path / "batch.csv"
+    path.write_text("audio_uri,priority\ns3://audio/a.wav,high\ns3://audio/b.wav,urgent\n")
+    with pytest.raises(ManifestError) as caught:
+        client.enqueue_manifest(str(path))
+    assert caught.value.problems[0][0] == 3 and "urgent" in caught.value.problems[0][1]
+    assert redis_conn.dbsize() == 0
+
+
+def test_manifest_reusing_an_explicit_job_id_is_invalid(client, tmp_path):
+    path = tmp_path / "batch.jsonl"
+    path.write_text('{"audio_uri": "s3://audio/a.wav", "job_id": "x"}\n'
+                    '{"audio_uri": "s3://audio/b.wav", "job_id": "x"}\n')
+    with pytest.raises(ManifestError, match="already used on line 1"):
+        client.enqueue_manifest(str(path))
+
+
+# ----------------------------------------------------------------------- S3 prefix
+def test_prefix_enqueues_audio_objects_only(redis_url, redis_conn, s3_bucket):
+    s3, bucket = s3_bucket
+    for key in ("calls/a.wav", "calls/b.FLAC", "calls/sub/c.mp3", "calls/notes.txt", "calls/dir/", "other/d.wav"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"x")
+    client = Client(load_settings(redis_url=redis_url), connection=redis_conn)
+    outcomes = client.enqueue_prefix(f"s3://{bucket}/calls/", language="en")
+    uris = sorted(client.status(o.job_id).request.audio_uri for o in outcomes)
+    assert uris == [f"s3://{bucket}/calls/a.wav", f"s3://{bucket}/calls/b.FLAC", f"s3://{bucket}/calls/sub/c.mp3"]
+    assert all(client.status(o.job_id).request.language == "en" for o in outcomes)
+    assert not any(o.created for o in client.enqueue_prefix(f"s3://{bucket}/calls/", language="en"))
+    everything = client.enqueue_prefix(f"s3://{bucket}/calls/", all_objects=True, language="en")
+    assert [o.created for o in everything].count(True) == 1  # notes.txt; the "dir/" marker never
+
+
+def test_prefix_with_invalid_fields_is_one_clear_error(redis_url, redis_conn, s3_bucket):
+    s3, bucket = s3_bucket
+    s3.put_object(Bucket=bucket, Key="a.wav", Body=b"x")
+    client = Client(load_settings(redis_url=redis_url), connection=redis_conn)
+    with pytest.raises(ValueError, match="target_language"):
+        client.enqueue_prefix(f"s3://{bucket}/", task="translate")
+    assert client.enqueue_prefix(f"s3://{bucket}/nothing-here/") == []
