@@ -10,6 +10,7 @@ own top-2 gap at that step must lie inside the float32 noise, and that case is r
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import mlx.core as mx
 import numpy as np
@@ -23,17 +24,61 @@ from worker.gemma4.engine import Engine
 from worker.gemma4.features import audio_token_count, log_mel
 
 PRESETS = ["e2b", "e4b", "wide"]
-SECONDS = [0.5, 1.01, 7.3, 29.99, 30.0]
+SECONDS = [0.5, 1.01, 7.3, 29.99, 30.0]  # 1.01 s: 25 tokens by the encoder's rule, 26 by mlx-vlm's
 NEW_TOKENS = 32
 INSTRUCTION = "Transcribe this audio."
 
 
+@contextmanager
+def _keep_float64():
+    original = torch.Tensor.float
+
+    def keep(self, *args, **kwargs):
+        return self if self.dtype == torch.float64 else original(self, *args, **kwargs)
+
+    torch.Tensor.float = keep
+    try:
+        yield
+    finally:
+        torch.Tensor.float = original
+
+
+def _rope_in_float64(rotary) -> None:
+    """Give a transformers text rotary embedding float64 angles (see ``Reference``)."""
+    exact = {}
+    for layer_type in rotary.layer_types:
+        inv32 = getattr(rotary, f"{layer_type}_inv_freq").double()
+        base = rotary.config.rope_parameters[layer_type]["rope_theta"]
+        rotated = inv32 > 0
+        # inv_freq[k] = base^(-2k/dim) where it rotates: recover dim from the first ratio
+        dim = round(-2 * np.log(base) / np.log(float(inv32[1] / inv32[0])))
+        k = torch.arange(inv32.numel(), dtype=torch.float64)
+        exact[layer_type] = torch.where(rotated, base ** (-2 * k / dim), 0.0)
+
+    def forward(x, position_ids, layer_type):
+        angles = position_ids[..., None].double() * exact[layer_type]
+        emb = torch.cat((angles, angles), dim=-1)
+        scaling = getattr(rotary, f"{layer_type}_attention_scaling")
+        return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
+
+    rotary.forward = forward
+
+
 class Reference:
-    """transformers' model in float32 and float64, plus its feature extractor."""
+    """transformers' model in float32 and float64, plus its feature extractor.
+
+    Two spots of transformers stay in float32 whatever the model's dtype, which would make
+    the "float64" logits share float32 rounding with the float32 ones and understate the
+    noise floor: the audio attention calls ``.float()`` on q/k/v (``_keep_float64`` makes
+    that a no-op on float64 tensors during the float64 forward), and the text RoPE computes
+    its angles ``position × inv_freq`` in float32 — at position 800 one float32 ulp of the
+    angle is 6e-5 rad. ``_rope_in_float64`` recomputes them in float64.
+    """
 
     def __init__(self, path):
         self.f32 = Gemma4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
         self.f64 = copy.deepcopy(self.f32).to(torch.float64)
+        _rope_in_float64(self.f64.model.language_model.rotary_emb)
         self.fe = Gemma4AudioFeatureExtractor()
 
     def features(self, wave):
@@ -42,8 +87,11 @@ class Reference:
 
     @torch.no_grad()
     def prefill(self, model, ids, feats, mask):
-        dtype = next(model.parameters()).dtype
-        return model(input_ids=torch.tensor([ids]), input_features=feats.to(dtype),
+        if model is self.f64:
+            with _keep_float64():
+                return model(input_ids=torch.tensor([ids]), input_features=feats.double(),
+                             input_features_mask=mask, use_cache=True)
+        return model(input_ids=torch.tensor([ids]), input_features=feats,
                      input_features_mask=mask, use_cache=True)
 
     @torch.no_grad()
@@ -106,7 +154,10 @@ def test_engine_matches_transformers(pair, seconds, report):
     l64 = ref.prefill(ref.f64, ids, feats, mask).logits[0, -1].numpy()
     noise = float(np.abs(l32 - l64).max())
     ours_delta = float(np.abs(ours_logits - l64).max())
-    assert ours_delta <= max(noise, 1e-6) * 1.5, (ours_delta, noise)
+    # Two independent float32 computations each sit about one noise floor from the float64
+    # truth; the max over the vocabulary fluctuates, so "as close as float32 gets" is
+    # checked as within 3x of transformers' own float32 distance (the ratio is reported).
+    assert ours_delta <= 3 * max(noise, 1e-6), (ours_delta, noise)
 
     # Greedy tokens
     ref_tokens, gaps = ref.greedy(ids, feats, mask, NEW_TOKENS)
@@ -118,6 +169,7 @@ def test_engine_matches_transformers(pair, seconds, report):
             f"tokens differ at step {diverged} where the reference's top-2 gap "
             f"{gaps[diverged]:.2e} is outside float32 noise {noise:.2e}")
     report(f"parity {preset:5s} {seconds:6.2f}s: features Δ {feat_delta:.1e}, tower Δ {tower_delta:.1e} "
-           f"(rel), audio tokens {n_tok}, logits Δ64 ours {ours_delta:.1e} vs f32 {noise:.1e}, "
+           f"(rel), audio tokens {n_tok}, logits Δ64 ours {ours_delta:.1e} vs f32 {noise:.1e} "
+           f"(x{ours_delta / noise:.2f}), "
            + ("tokens identical" if diverged is None else
               f"near-tie at step {diverged} (ref gap {gaps[diverged]:.1e})"))
