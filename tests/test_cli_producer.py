@@ -6,7 +6,6 @@ import io
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -198,31 +197,6 @@ def test_global_options_work_after_the_command(redis_url, client, capsys):
     job_id = client.enqueue({"audio_uri": "s3://audio/a.wav"}).job_id
     assert main(["status", job_id, "--redis-url", redis_url]) == 0
     assert job_id in capsys.readouterr().out
-
-
-def test_worker_verb_hands_over_to_the_worker(redis_url, monkeypatch):
-    """The worker module is someone else's; a recording stand-in checks the hand-over only."""
-    calls = []
-    stand_in = types.ModuleType("worker.process")
-    stand_in.run_worker = lambda settings, **kwargs: calls.append((settings, kwargs)) or 0
-    monkeypatch.setitem(sys.modules, "worker.process", stand_in)
-    code = main(["--redis-url", redis_url, "worker", "--model", "/models/e2b", "--queue", "high", "--burst",
-                 "--max-jobs", "3", "--name", "mac"])
-    [(settings, kwargs)] = calls
-    assert code == 0 and settings.model == "/models/e2b" and settings.redis_url == redis_url
-    assert kwargs == {"queues": ["high"], "burst": True, "max_jobs": 3, "name": "mac"}
-
-
-def test_transcribe_verb_hands_over_to_the_worker(monkeypatch):
-    calls = []
-    stand_in = types.ModuleType("worker.transcribe")
-    stand_in.run_transcribe = lambda files, **kwargs: calls.append((files, kwargs)) or 0
-    monkeypatch.setitem(sys.modules, "worker.transcribe", stand_in)
-    assert main(["transcribe", "a.wav", "b.flac", "--model", "/m", "--max-new-tokens", "9", "--json"]) == 0
-    [(files, kwargs)] = calls
-    assert files == ["a.wav", "b.flac"]
-    assert (kwargs["model"], kwargs["prompt"], kwargs["max_new_tokens"], kwargs["as_json"]) == ("/m", None, 9, True)
-    assert kwargs["settings"].model == "/m"
 
 
 def test_producer_imports_no_mlx_numpy_or_worker(redis_url):

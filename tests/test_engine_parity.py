@@ -173,3 +173,22 @@ def test_engine_matches_transformers(pair, seconds, report):
            f"(x{ours_delta / noise:.2f}), "
            + ("tokens identical" if diverged is None else
               f"near-tie at step {diverged} (ref gap {gaps[diverged]:.1e})"))
+
+
+def test_generated_placeholder_id_reads_pad_like_the_reference(tiny_checkpoint):
+    """A decode step fed a media placeholder id (random weights do generate them) must
+    embed it as pad, as transformers does, instead of asking for audio rows."""
+    path = tiny_checkpoint("e2b")
+    engine, ref = Engine.load(str(path)), Reference(path)
+    wave = make_tone(2.0, freq=300)[:, 0]
+    feats, mask = ref.features(wave)
+    rows, _ = engine.encode([wave])
+    ids = engine.prompts.audio_prompt(INSTRUCTION, rows[0].shape[0])
+    audio_id = engine.model.config.tokens.audio
+    _, cache = engine.decoder.prefill(mx.array([ids]), rows[0])
+    ours = np.array(engine.decoder.step(mx.array([audio_id]), cache)[0])
+    with torch.no_grad():
+        out = ref.prefill(ref.f32, ids, feats, mask)
+        theirs = ref.f32(input_ids=torch.tensor([[audio_id]]), past_key_values=out.past_key_values,
+                         use_cache=True).logits[0, -1].numpy()
+    assert np.abs(ours - theirs).max() < 1e-4

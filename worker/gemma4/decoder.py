@@ -38,7 +38,9 @@ class Decoder:
         """Input embeddings [B, L, H] and per-layer token inputs [B, L, layers, P] for ``ids``.
 
         ``audio_rows`` [n, H] replace the audio placeholders in order (batch row-major);
-        their count must equal the number of placeholders.
+        their count must equal the number of placeholders. Without rows (decode steps)
+        a placeholder id reads the pad embedding, as in the reference, where media
+        features are merged on the prefill step only.
         """
         t = self.tokens
         media = mx.zeros(ids.shape, dtype=mx.bool_)
@@ -47,13 +49,12 @@ class Decoder:
         lookup_ids = mx.where(media, t.pad, ids)
         x = self.stack.embed_tokens(lookup_ids) * self.embed_scale
 
-        audio = ids == t.audio if t.audio >= 0 else mx.zeros(ids.shape, dtype=mx.bool_)
-        slots = int(audio.sum().item())
-        rows = 0 if audio_rows is None else audio_rows.shape[0]
-        if slots != rows:
-            raise AudioqError(FailureCode.MODEL_ERROR,
-                              f"prompt has {slots} audio placeholders but the encoder gave {rows} rows")
-        if rows:
+        if audio_rows is not None:
+            audio = ids == t.audio
+            slots = int(audio.sum().item())
+            if slots != audio_rows.shape[0]:
+                raise AudioqError(FailureCode.MODEL_ERROR, f"prompt has {slots} audio placeholders "
+                                  f"but the encoder gave {audio_rows.shape[0]} rows")
             source = mx.maximum(mx.cumsum(audio.reshape(-1).astype(mx.int32)) - 1, 0)
             gathered = audio_rows.astype(x.dtype)[source].reshape(x.shape)
             x = mx.where(audio[..., None], gathered, x)

@@ -1,0 +1,51 @@
+"""``audioq transcribe``: local files through the real engine, from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import soundfile as sf
+
+from conftest import make_tone
+from producer.cli import main
+
+
+def test_transcribe_json_lines_for_several_formats(tiny_checkpoint, tmp_path, capsys):
+    model = str(tiny_checkpoint("e2b"))
+    wav, flac = tmp_path / "a.wav", tmp_path / "b.flac"
+    sf.write(wav, make_tone(1.2, sr=44100, channels=2), 44100)  # stereo 44.1 kHz: mixed and resampled
+    sf.write(flac, make_tone(2.0, sr=16000), 16000)
+    code = main(["transcribe", str(wav), str(flac), "--model", model, "--max-new-tokens", "5", "--json"])
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["file"] for line in lines] == [str(wav), str(flac)]
+    for line, seconds in zip(lines, (1.2, 2.0)):
+        assert isinstance(line["text"], str)
+        assert 1 <= len(line["tokens"]) <= 5 and all(isinstance(t, int) for t in line["tokens"])
+        assert line["audio_tokens"] == int(np.ceil((np.floor((seconds * 16000 - 161) / 160) + 1) / 4))
+        assert line["seconds"] > 0
+
+
+def test_transcribe_reports_bad_files_and_goes_on(tiny_checkpoint, tmp_path, capsys):
+    model = str(tiny_checkpoint("e2b"))
+    text, good, long = tmp_path / "notes.txt", tmp_path / "ok.wav", tmp_path / "long.wav"
+    text.write_text("not audio at all\n" * 50)
+    sf.write(good, make_tone(1.0), 16000)
+    sf.write(long, make_tone(31.0), 16000)
+    code = main(["transcribe", str(text), str(good), str(long), "--model", model,
+                 "--max-new-tokens", "3", "--json"])
+    assert code == 1
+    lines = {json.loads(x)["file"]: json.loads(x) for x in capsys.readouterr().out.splitlines()}
+    assert lines[str(text)]["error"] == "unsupported_format"
+    assert lines[str(long)]["error"] == "audio_too_long"
+    assert "text" in lines[str(good)]
+
+
+def test_transcribe_plain_text_and_missing_model(tiny_checkpoint, tmp_path, capsys):
+    wav = tmp_path / "a.wav"
+    sf.write(wav, make_tone(0.8), 16000)
+    assert main(["transcribe", str(wav), "--model", str(tiny_checkpoint("e2b")), "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.count("\n") == 1
+    assert main(["transcribe", str(wav), "--model", str(tmp_path / "missing")]) == 2
+    assert "no such checkpoint directory" in capsys.readouterr().err
