@@ -1,0 +1,118 @@
+"""End to end through the real engine: S3 (moto) → worker → Gemma 4 (tiny random checkpoint) → record.
+
+The checkpoint has the real E2B architecture with random weights, so the text is noise,
+but greedy decoding is deterministic: the worker's result must equal what the engine
+gives for the same decoded clip and instruction, which proves the clip, the instruction
+and the token budget reach the model intact.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from conftest import make_tone
+from worker_fixtures import enqueue, failure_code, fetch, run_burst, start_worker, worker_settings, write_wav
+
+from producer import record
+from producer.schema import JobRequest, JobResult
+from worker.audio import decode_audio
+from worker.gemma4.engine import ClipRequest, Engine
+from worker.gemma4.features import audio_token_count
+from worker.instructions import instruction_for
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    return Engine.load(str(tiny_checkpoint()))
+
+
+@pytest.fixture
+def s3_settings(redis_url, s3_bucket, tmp_path):
+    (tmp_path / "tmp").mkdir()
+    return worker_settings(redis_url, s3_endpoint_url=s3_bucket[0].meta.endpoint_url, s3_region="us-east-1",
+                           temp_dir=str(tmp_path / "tmp"))
+
+
+def test_an_s3_job_runs_through_the_real_engine_and_writes_its_outputs(redis_conn, s3_bucket, s3_settings,
+                                                                       engine, tmp_path):
+    client, bucket = s3_bucket
+    wav = write_wav(tmp_path / "speech.wav", make_tone(1.5, sr=44_100, channels=2), rate=44_100)
+    client.put_object(Bucket=bucket, Key="in/speech.wav", Body=wav.read_bytes())
+    request = {"audio_uri": f"s3://{bucket}/in/speech.wav", "language": "English", "max_new_tokens": 24,
+               "output_uri": f"s3://{bucket}/out"}
+    job = enqueue(redis_conn, request)
+    run_burst(s3_settings, engine)
+
+    job = fetch(redis_conn, job.id)
+    assert job.get_status() == "finished", job.get_meta().get(record.META_FAILURE)
+    result = JobResult.model_validate(job.return_value())
+    samples = decode_audio(wav)
+    (expected,) = engine.run([ClipRequest(samples, instruction_for(JobRequest(**request)), 24)])
+    assert result.text == expected.text and result.tokens == len(expected.tokens) <= 24
+    assert result.audio_tokens == audio_token_count(samples.size) == expected.audio_tokens
+    assert result.model == engine.model_id and result.audio_seconds == pytest.approx(1.5, abs=0.01)
+    assert {"fetch", "decode_audio", "front_end", "audio_tower", "prefill", "generate", "write"} <= set(result.timings)
+    stored = json.loads(client.get_object(Bucket=bucket, Key=f"out/{job.id}.json")["Body"].read())
+    assert stored["text"] == result.text and stored["output_uris"] == result.output_uris
+    assert client.get_object(Bucket=bucket, Key=f"out/{job.id}.txt")["Body"].read().decode() == result.text + "\n"
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_run_worker_loads_the_model_once_and_drains_good_and_bad_jobs(redis_url, redis_conn, tiny_checkpoint,
+                                                                      tmp_path):
+    good = write_wav(tmp_path / "good.wav", make_tone(1.0))
+    (tmp_path / "bad.wav").write_text("not audio")
+    jobs = [enqueue(redis_conn, {"audio_uri": uri, "max_new_tokens": 8})
+            for uri in (good.as_uri(), (tmp_path / "bad.wav").as_uri(), good.as_uri())]
+    settings = worker_settings(redis_url, model=str(tiny_checkpoint()))
+    worker = start_worker(settings, tmp_path / "worker.log", burst=True, real_engine=True)
+    assert worker.wait(timeout=120) == 0
+    assert [fetch(redis_conn, j.id).get_status() for j in jobs] == ["finished", "failed", "finished"]
+    assert failure_code(fetch(redis_conn, jobs[1].id)) == "unsupported_format"
+    log = (tmp_path / "worker.log").read_text()
+    assert log.count("loaded in") == 1
+
+
+def test_a_model_without_an_audio_tower_fails_jobs_with_model_error(redis_url, redis_conn, tiny_checkpoint,
+                                                                    tmp_path):
+    text_only = Engine.load(str(tiny_checkpoint(with_audio=False)))
+    job = enqueue(redis_conn, {"audio_uri": write_wav(tmp_path / "a.wav", make_tone(1.0)).as_uri()})
+    run_burst(worker_settings(redis_url), text_only)
+    failure = fetch(redis_conn, job.id).get_meta()[record.META_FAILURE]
+    assert failure["code"] == "model_error" and "has no audio tower" in failure["message"]
+
+
+def test_the_real_engine_is_stopped_by_the_deadline_while_generating(redis_url, redis_conn, engine, tmp_path):
+    """A 2 s tone makes this checkpoint generate its whole 2048-token budget (~13 s here)."""
+    job = enqueue(redis_conn, {"audio_uri": write_wav(tmp_path / "a.wav", make_tone(2.0)).as_uri(),
+                               "max_new_tokens": 2048})
+    started = time.monotonic()
+    run_burst(worker_settings(redis_url, job_timeout_base=1.0, job_timeout_per_audio_second=0.0), engine)
+    failure = fetch(redis_conn, job.id).get_meta()[record.META_FAILURE]
+    assert failure["code"] == "timeout" and "at stage generate" in failure["message"]
+    assert time.monotonic() - started < 5
+
+
+def test_the_real_engine_is_stopped_by_a_cancel_while_generating(redis_url, redis_conn, engine, tmp_path):
+    job = enqueue(redis_conn, {"audio_uri": write_wav(tmp_path / "a.wav", make_tone(2.0)).as_uri(),
+                               "max_new_tokens": 2048})
+
+    def cancel_when_generating():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if (job.get_meta(refresh=True).get(record.META_PROGRESS) or {}).get("stage") == "generate":
+                redis_conn.set(record.cancel_key(job.id), "1")
+                return
+            time.sleep(0.01)
+
+    canceller = threading.Thread(target=cancel_when_generating)
+    canceller.start()
+    started = time.monotonic()
+    run_burst(worker_settings(redis_url), engine)
+    canceller.join()
+    failure = fetch(redis_conn, job.id).get_meta()[record.META_FAILURE]
+    assert failure["code"] == "canceled" and "at stage generate" in failure["message"]
+    assert time.monotonic() - started < 5

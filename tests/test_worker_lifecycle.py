@@ -1,0 +1,215 @@
+"""A job's life through a real burst worker: claim, progress, result, and every failure code
+a real bad input produces. ``ScriptedEngine`` stands in for the model here (see
+worker_fixtures); the same paths run through the real engine in test_e2e_worker.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import make_tone
+from worker_fixtures import (WEED_KEY, ScriptedEngine, enqueue, failure_code, fetch, run_burst, seaweedfs,  # noqa: F401
+                             worker_settings, write_wav)
+
+from producer import record
+from producer.schema import JobResult
+from worker.gemma4.features import audio_token_count
+
+
+@pytest.fixture
+def wav(tmp_path):
+    return write_wav(tmp_path / "ok.wav", make_tone(1.25, sr=22_050), rate=22_050)
+
+
+def run_one(redis_url, redis_conn, request: dict, engine=None, **overrides):
+    job = enqueue(redis_conn, request)
+    run_burst(worker_settings(redis_url, **overrides), engine)
+    return fetch(redis_conn, job.id)
+
+
+# ------------------------------------------------------------------ success
+def test_a_good_job_returns_its_result_and_records_progress_and_attempt(redis_url, redis_conn, wav):
+    job = run_one(redis_url, redis_conn, {"audio_uri": wav.as_uri(), "metadata": {"batch": 7}},
+                  ScriptedEngine(steps=4, text="four words of text"))
+    assert job.get_status() == "finished"
+    result = JobResult.model_validate(job.return_value())
+    assert result.text == "four words of text" and result.tokens == 4 and result.model == "scripted"
+    assert result.audio_seconds == pytest.approx(1.25, abs=0.01)
+    assert [(s.start, s.end, s.text) for s in result.segments] == [(0.0, result.audio_seconds, result.text)]
+    assert result.audio_tokens == audio_token_count(20_000) and result.metadata == {"batch": 7}
+    assert {"fetch", "decode_audio", "front_end", "audio_tower", "prefill", "generate"} <= set(result.timings)
+    meta = job.get_meta()
+    assert meta[record.META_ATTEMPT] == 1 and meta[record.META_PROGRESS]["stage"] == "generate"
+    assert record.META_FAILURE not in meta and meta[record.META_REQUEST]["audio_uri"] == wav.as_uri()
+
+
+def test_outputs_are_written_when_the_request_names_an_output_uri(redis_url, redis_conn, wav, tmp_path):
+    job = run_one(redis_url, redis_conn, {"audio_uri": wav.as_uri(), "output_uri": (tmp_path / "out").as_uri()})
+    result = JobResult.model_validate(job.return_value())
+    assert result.output_uris == [(tmp_path / "out" / f"{job.id}.json").as_uri(),
+                                  (tmp_path / "out" / f"{job.id}.txt").as_uri()]
+    assert (tmp_path / "out" / f"{job.id}.txt").read_text() == "scripted transcript\n"
+    assert job.get_meta()[record.META_PROGRESS]["stage"] == "write" and "write" in result.timings
+
+
+def test_progress_is_written_per_stage_not_per_decode_step(redis_url, redis_conn, wav):
+    def meta_writes(steps: int) -> int:
+        before = redis_conn.info("commandstats").get("cmdstat_hset", {}).get("calls", 0)
+        run_one(redis_url, redis_conn, {"audio_uri": wav.as_uri(), "max_new_tokens": 1000},
+                ScriptedEngine(steps=steps))
+        return redis_conn.info("commandstats")["cmdstat_hset"]["calls"] - before
+
+    assert meta_writes(400) - meta_writes(2) <= 2
+
+
+def test_requested_max_new_tokens_reaches_the_engine(redis_url, redis_conn, wav):
+    job = run_one(redis_url, redis_conn, {"audio_uri": wav.as_uri(), "max_new_tokens": 2}, ScriptedEngine(steps=9))
+    assert job.return_value()["tokens"] == 2
+
+
+# ------------------------------------------------------------------ failures from real bad inputs
+def truncated_wav(tmp_path):
+    path = write_wav(tmp_path / "whole.wav", make_tone(3.0))
+    (tmp_path / "cut.wav").write_bytes(path.read_bytes()[:30_000])
+    return (tmp_path / "cut.wav").as_uri()
+
+
+def nan_wav(tmp_path):
+    samples = make_tone(1.0)
+    samples[5] = np.nan
+    return write_wav(tmp_path / "nan.wav", samples, subtype="FLOAT").as_uri()
+
+
+def text_file(tmp_path):
+    (tmp_path / "a.wav").write_text("not audio at all\n" * 10)
+    return (tmp_path / "a.wav").as_uri()
+
+
+def m4a_header(tmp_path):
+    """The first bytes of an ffmpeg M4A, then junk: what the sniffer reads."""
+    (tmp_path / "fake.m4a").write_bytes(b"\x00\x00\x00\x1cftypM4A \x00\x00\x02\x00" + bytes(range(256)) * 8)
+    return (tmp_path / "fake.m4a").as_uri()
+
+
+def zero_frames(tmp_path):
+    sf.write(tmp_path / "zero.wav", np.zeros((0, 1), np.float32), 16_000)
+    return (tmp_path / "zero.wav").as_uri()
+
+
+def few_samples(tmp_path):
+    return write_wav(tmp_path / "few.wav", make_tone(0.005)).as_uri()
+
+
+def too_long(tmp_path):
+    return write_wav(tmp_path / "long.wav", make_tone(31.0)).as_uri()
+
+
+def too_large(tmp_path):
+    return write_wav(tmp_path / "big.wav", make_tone(4.0)).as_uri()  # 128 kB, over the limit set below
+
+
+@pytest.mark.parametrize("make_uri,code,says,limits", [
+    (lambda tmp: (tmp / "missing.wav").as_uri(), "audio_not_found", "no such file", {}),
+    (text_file, "unsupported_format", "not a recognised audio file", {}),
+    (m4a_header, "unsupported_format", "MP4/M4A", {}),
+    (truncated_wav, "corrupt_audio", "truncated", {}),
+    (nan_wav, "corrupt_audio", "NaN", {}),
+    (zero_frames, "empty_audio", "no audio samples", {}),
+    (few_samples, "empty_audio", "at least 161 samples", {}),
+    (too_long, "audio_too_long", "at most 30 s", {}),
+    (too_large, "audio_too_large", "at most 0.1 MB", {"max_audio_bytes": 100_000}),
+])
+def test_bad_audio_fails_with_its_code_and_the_worker_moves_on(redis_url, redis_conn, tmp_path, wav, make_uri,
+                                                              code, says, limits):
+    bad = enqueue(redis_conn, {"audio_uri": make_uri(tmp_path)})
+    good = enqueue(redis_conn, {"audio_uri": wav.as_uri()})
+    run_burst(worker_settings(redis_url, **limits))
+    bad = fetch(redis_conn, bad.id)
+    failure = bad.get_meta()[record.META_FAILURE]
+    assert bad.get_status() == "failed" and failure["code"] == code and says in failure["message"]
+    assert failure["attempt"] == 1 and failure["retryable"] is False and failure["worker"]
+    assert bad.latest_result().exc_string == f"{code}: {failure['message']}"
+    assert fetch(redis_conn, good.id).get_status() == "finished"
+
+
+def test_s3_failures_through_the_worker_leave_no_temp_files(redis_url, redis_conn, s3_bucket, tmp_path):
+    client, bucket = s3_bucket
+    client.put_object(Bucket=bucket, Key="notes.wav", Body=b"just some text, not audio" * 10)
+    client.put_object(Bucket=bucket, Key="ok.wav", Body=write_wav(tmp_path / "ok.wav", make_tone(1.0)).read_bytes())
+    jobs = {uri: enqueue(redis_conn, {"audio_uri": uri}) for uri in
+            (f"s3://{bucket}/missing.wav", "s3://no-such-bucket-x/a.wav", f"s3://{bucket}/notes.wav",
+             f"s3://{bucket}/ok.wav")}
+    (tmp_path / "tmp").mkdir()
+    run_burst(worker_settings(redis_url, s3_endpoint_url=s3_bucket[0].meta.endpoint_url, s3_region="us-east-1",
+                              temp_dir=str(tmp_path / "tmp")))
+    codes = {uri: failure_code(fetch(redis_conn, job.id)) for uri, job in jobs.items()}
+    assert codes == {f"s3://{bucket}/missing.wav": "audio_not_found", "s3://no-such-bucket-x/a.wav": "audio_not_found",
+                     f"s3://{bucket}/notes.wav": "unsupported_format", f"s3://{bucket}/ok.wav": None}
+    assert fetch(redis_conn, jobs[f"s3://{bucket}/ok.wav"].id).get_status() == "finished"
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_wrong_storage_credentials_fail_as_access_denied(redis_url, redis_conn, seaweedfs, monkeypatch,  # noqa: F811
+                                                         wav):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", WEED_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    denied = enqueue(redis_conn, {"audio_uri": "s3://audio/probe"})
+    good = enqueue(redis_conn, {"audio_uri": wav.as_uri()})
+    run_burst(worker_settings(redis_url, s3_endpoint_url=seaweedfs, s3_region="us-east-1"))
+    failure = fetch(redis_conn, denied.id).get_meta()[record.META_FAILURE]
+    assert failure["code"] == "access_denied" and not failure["retryable"]
+    assert fetch(redis_conn, good.id).get_status() == "finished"
+
+
+def test_max_new_tokens_over_the_limit_is_refused_not_clamped(redis_url, redis_conn, wav):
+    job = run_one(redis_url, redis_conn, {"audio_uri": wav.as_uri(), "max_new_tokens": 5000})
+    assert failure_code(job) == "invalid_request"
+    assert "above this worker's limit of 2048" in job.get_meta()[record.META_FAILURE]["message"]
+
+
+# ------------------------------------------------------------------ timeout and cancel
+def test_a_job_past_its_audio_derived_budget_times_out(redis_url, redis_conn, wav):
+    job = run_one(redis_url, redis_conn, {"audio_uri": wav.as_uri()}, ScriptedEngine(steps=100, step_seconds=0.02),
+                  job_timeout_base=0.2, job_timeout_per_audio_second=0.1)
+    failure = job.get_meta()[record.META_FAILURE]
+    assert failure["code"] == "timeout" and "at stage generate" in failure["message"]
+    assert "budget of 0.3 s" in failure["message"] and "1.2 s of audio" in failure["message"]
+
+
+def test_the_budget_grows_with_the_audio_length(redis_url, redis_conn, wav):
+    job = run_one(redis_url, redis_conn, {"audio_uri": wav.as_uri()}, ScriptedEngine(steps=20, step_seconds=0.02),
+                  job_timeout_base=0.2, job_timeout_per_audio_second=1.0)
+    assert job.get_status() == "finished"
+
+
+def test_a_job_canceled_while_queued_stops_at_claim(redis_url, redis_conn, tmp_path):
+    job = enqueue(redis_conn, {"audio_uri": (tmp_path / "never-fetched.wav").as_uri()})
+    redis_conn.set(record.cancel_key(job.id), "1")
+    run_burst(worker_settings(redis_url))
+    failure = fetch(redis_conn, job.id).get_meta()[record.META_FAILURE]
+    assert failure["code"] == "canceled" and "at stage claimed" in failure["message"]
+
+
+def test_a_running_job_is_canceled_during_generation(redis_url, redis_conn, wav):
+    job = enqueue(redis_conn, {"audio_uri": wav.as_uri()})
+
+    def cancel_when_generating():
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if (job.get_meta(refresh=True).get(record.META_PROGRESS) or {}).get("stage") == "generate":
+                redis_conn.set(record.cancel_key(job.id), "1")
+                return
+            time.sleep(0.01)
+
+    canceller = threading.Thread(target=cancel_when_generating)
+    canceller.start()
+    started = time.monotonic()
+    run_burst(worker_settings(redis_url), ScriptedEngine(steps=500, step_seconds=0.01))
+    canceller.join()
+    failure = fetch(redis_conn, job.id).get_meta()[record.META_FAILURE]
+    assert failure["code"] == "canceled" and "at stage generate" in failure["message"]
+    assert time.monotonic() - started < 3.5  # stopped within the check interval, not after 500 steps

@@ -1,0 +1,116 @@
+"""One job's record while a worker runs it: claim, progress, deadline, cancel, outcome.
+
+Nothing here knows about audio or the model, so the same ``JobRun`` serves one clip today
+and a batch of clips from several jobs tomorrow: the engine's ``on_stage`` hook calls
+``stage`` on every run in the batch, and each run records its own result or failure.
+
+``stage`` is the cooperative check point. ``SimpleWorker`` cannot kill a running job
+(``send_stop_job_command`` is a no-op without a work horse) and RQ's SIGALRM cannot
+interrupt a long native MLX call, so the deadline and the cancel flag are checked at every
+stage boundary and, throttled, at every decode step, raising ``timeout`` or ``canceled``
+out of the engine.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from rq.job import Job, Retry
+
+from producer import record
+from producer.failures import AudioqError, FailureCode
+from producer.schema import JobFailure, Progress
+from producer.settings import Settings
+from worker.failures import failure_for
+
+# While a stage repeats (the engine reports "generate" before every decode step), the
+# cancel flag is read at most this often, and progress is written only when the stage changes.
+CHECK_INTERVAL = 1.0
+
+
+class JobFailed(Exception):
+    """Raised out of the job function once its failure is on the record, so RQ fails the job.
+
+    Its text, ``code: message``, ends RQ's ``exc_string``.
+    """
+
+    def __init__(self, failure: JobFailure):
+        super().__init__(f"{failure.code.value}: {failure.message}")
+        self.failure = failure
+
+
+def record_failure(job: Job, failure: JobFailure) -> None:
+    job.meta[record.META_FAILURE] = failure.model_dump(mode="json")
+    job.save_meta()
+
+
+class JobRun:
+    def __init__(self, job: Job, settings: Settings, worker: str):
+        self.job = job
+        self.settings = settings
+        self.worker = worker
+        self.started = time.monotonic()
+        self.attempt = int(job.meta.get(record.META_ATTEMPT, 0)) + 1
+        self.audio_seconds: float | None = None
+        self.current: str | None = None
+        self.checked_at = -math.inf
+
+    @property
+    def budget(self) -> float:
+        """Seconds this job may run: the base plus a share per audio second.
+
+        Until the audio is decoded its length is unknown, and the longest allowed audio
+        stands in for it.
+        """
+        seconds = self.settings.max_audio_seconds if self.audio_seconds is None else self.audio_seconds
+        return self.settings.job_timeout_base + self.settings.job_timeout_per_audio_second * seconds
+
+    def claim(self) -> None:
+        """Count the attempt and drop the previous attempt's failure, then enter ``claimed``."""
+        self.job.meta[record.META_ATTEMPT] = self.attempt
+        self.job.meta.pop(record.META_FAILURE, None)
+        self.stage("claimed")
+
+    def stage(self, name: str, chunk: int | None = None, chunks: int | None = None) -> None:
+        """Enter (or stay in) stage ``name``: raise on deadline or cancel, record progress."""
+        now = time.monotonic()
+        if now - self.started > self.budget:
+            s = self.settings
+            seconds = "the longest allowed" if self.audio_seconds is None else f"{self.audio_seconds:.1f} s of"
+            raise AudioqError(FailureCode.TIMEOUT,
+                              f"the job ran {now - self.started:.1f} s, past its budget of {self.budget:.1f} s "
+                              f"(job_timeout_base {s.job_timeout_base:g} s + {s.job_timeout_per_audio_second:g} s "
+                              f"per second of audio, for {seconds} audio), at stage {name}")
+        if name == self.current and now - self.checked_at < CHECK_INTERVAL:
+            return
+        self.checked_at = now
+        if self.job.connection.exists(record.cancel_key(self.job.id)):
+            raise AudioqError(FailureCode.CANCELED, f"canceled on request, at stage {name}")
+        if name != self.current:
+            self.current = name
+            self.job.meta[record.META_PROGRESS] = Progress(stage=name, chunk=chunk, chunks=chunks).model_dump(
+                mode="json")
+            self.job.save_meta()
+
+    def failure(self, exc: BaseException) -> JobFailure:
+        return failure_for(exc, attempt=self.attempt, worker=self.worker)
+
+    def retry_later(self, failure: JobFailure) -> Retry | None:
+        """A ``Retry`` for RQ when storage was unavailable and retries remain, else None.
+
+        Returned (not raised) from the job so that only this code is retried: RQ's
+        enqueue-time ``Retry`` would retry every failure, bad audio included. RQ schedules
+        the next attempt after ``storage_retry_backoff[n]`` seconds.
+        """
+        done = self.job.number_of_retries or 0
+        if failure.code != FailureCode.STORAGE_UNAVAILABLE or done >= self.settings.storage_retries:
+            return None
+        self.job.meta[record.META_RETRY] = failure.model_dump(mode="json")
+        self.job.save_meta()
+        return Retry(max=self.settings.storage_retries, interval=self.settings.storage_retry_backoff)
+
+    def fail(self, failure: JobFailure) -> JobFailed:
+        """Put ``failure`` on the record; the caller raises the returned exception."""
+        record_failure(self.job, failure)
+        return JobFailed(failure)

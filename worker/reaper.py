@@ -1,0 +1,114 @@
+"""Jobs whose worker died: requeue them a bounded number of times, then fail them.
+
+``SimpleWorker`` writes a job's StartedJobRegistry entry once, to expire at job timeout +
+60 s, and RQ's cleanup only looks every 10 minutes, so the job of a SIGKILLed worker would
+read "started" for a quarter of an hour. audioq adds a per-job beat key: the running
+worker's background thread refreshes it every ``heartbeat_interval`` with an expiry of
+``lost_after``, so a started job without its beat key has no live worker. Every worker
+sweeps, idle or busy, under a Redis lock that lets one sweep happen per
+``heartbeat_interval``; a lost job is resolved within ``lost_after + heartbeat_interval``
+of its worker's death, while any worker runs.
+
+A lost job goes back to the front of its queue up to ``lost_job_retries`` times (counted in
+``meta[META_LOST]``), then fails with ``worker_lost``. Each resolution is one MULTI/EXEC
+that WATCHes the job hash and the beat key, so a job that finishes or beats meanwhile is
+left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from rq.executions import Execution
+from rq.job import JobStatus
+from rq.queue import Queue
+from rq.registry import StartedJobRegistry
+from rq.results import Result
+from rq.serializers import JSONSerializer
+from rq.utils import now
+
+from producer import record
+from producer.failures import FailureCode
+from producer.schema import JobFailure
+from producer.settings import Settings
+from worker.job import AudioJob
+
+REAPER_LOCK = record.KEY_PREFIX + "reaper-lock"
+
+log = logging.getLogger("audioq.reaper")
+
+
+def beat(connection: redis.Redis, job_id: str, worker_name: str, lost_after: float) -> None:
+    connection.set(record.beat_key(job_id), worker_name, px=int(lost_after * 1000))
+
+
+def sweep(connection: redis.Redis, queue_names: list[str], settings: Settings, worker_name: str) -> dict[str, str]:
+    """Resolve every lost job in ``queue_names``, unless a worker swept moments ago.
+
+    Returns ``{job_id: "requeued" | "failed"}``.
+    """
+    if not connection.set(REAPER_LOCK, worker_name, nx=True, px=int(settings.heartbeat_interval * 1000)):
+        return {}
+    outcomes = {}
+    for name in queue_names:
+        registry = StartedJobRegistry(name, connection=connection, job_class=AudioJob, serializer=JSONSerializer)
+        for job_id, execution_id in registry.get_job_and_execution_ids(cleanup=False):
+            if connection.exists(record.beat_key(job_id)):
+                continue
+            outcome = resolve(connection, job_id, execution_id, settings)
+            if outcome:
+                outcomes[job_id] = outcome
+    return outcomes
+
+
+def resolve(connection: redis.Redis, job_id: str, execution_id: str, settings: Settings) -> str | None:
+    """Requeue or fail one lost job; None if it turned out to be alive, done or gone."""
+    with connection.pipeline() as pipe:
+        try:
+            pipe.watch(AudioJob.key_for(job_id), record.beat_key(job_id))
+            if pipe.exists(record.beat_key(job_id)) or not pipe.exists(AudioJob.key_for(job_id)):
+                return None
+            job = AudioJob.fetch(job_id, connection=connection, serializer=JSONSerializer)
+            if job.get_status(refresh=False) != JobStatus.STARTED:
+                return None
+            lost = int(job.meta.get(record.META_LOST, 0)) + 1
+            requeue = lost <= settings.lost_job_retries
+            failure = JobFailure(code=FailureCode.WORKER_LOST, retryable=True, worker=job.worker_name,
+                                 attempt=max(1, int(job.meta.get(record.META_ATTEMPT, 1))),
+                                 message=_message(job, lost, requeue, settings))
+            job.meta[record.META_LOST] = lost
+            job.meta[record.META_RETRY if requeue else record.META_FAILURE] = failure.model_dump(mode="json")
+            pipe.multi()
+            Execution(execution_id, job_id, connection=connection).delete(job, pipe)
+            if requeue:
+                job.started_at = None
+                queue = Queue(job.origin, connection=connection, job_class=AudioJob, serializer=JSONSerializer)
+                queue.enqueue_job(job, pipeline=pipe, at_front=True)
+            else:
+                _fail(job, failure, pipe)
+            pipe.execute()
+        except redis.WatchError:
+            return None
+    outcome = "requeued" if requeue else "failed"
+    log.warning("job %s %s: %s", job_id, outcome, failure.message)
+    return outcome
+
+
+def _message(job: AudioJob, lost: int, requeue: bool, settings: Settings) -> str:
+    stage = (job.meta.get(record.META_PROGRESS) or {}).get("stage", "claimed")
+    what = (f"worker {job.worker_name} stopped sending heartbeats (none for {settings.lost_after:g} s) "
+            f"while the job was at stage {stage}")
+    if requeue:
+        return f"{what}; requeued ({lost} of {settings.lost_job_retries} allowed)"
+    return f"{what}; lost {lost} times, more than lost_job_retries ({settings.lost_job_retries}) allows"
+
+
+def _fail(job: AudioJob, failure: JobFailure, pipe) -> None:
+    exc_string = f"{failure.code.value}: {failure.message}"
+    job.ended_at = now()
+    job.set_status(JobStatus.FAILED, pipeline=pipe)
+    job.save(pipeline=pipe)
+    job.failed_job_registry.add(job, ttl=job.failure_ttl, exc_string=exc_string, pipeline=pipe)
+    Result.create_failure(job, job.failure_ttl, exc_string=exc_string, worker_name=job.worker_name or "",
+                          pipeline=pipe)

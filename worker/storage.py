@@ -1,0 +1,202 @@
+"""Fetch a job's audio and write its outputs: ``s3://bucket/key`` or ``file:///abs/path``.
+
+Where and how to reach S3 (endpoint, region, addressing style, profile, timeouts) comes
+from the worker's settings, credentials from boto3's own chain; a job only names the
+object. Downloads stream to a temporary file that is always removed, under the size limit
+checked twice: from HEAD before any byte is read, and while streaming (a HEAD can be
+missing or stale). Storage errors become the failure codes a producer can act on:
+``audio_not_found``, ``access_denied``, ``audio_too_large``, and ``storage_unavailable``
+for what may pass (connection refused, timeouts, 5xx, throttling), which the job retries.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import boto3
+import botocore.exceptions as boto_errors
+from botocore.config import Config
+
+from producer.failures import AudioqError, FailureCode
+from producer.schema import JobResult
+from producer.settings import Settings
+
+CHUNK_BYTES = 1 << 20
+# botocore's own retries stay short: the job retries storage_unavailable with backoff,
+# and a worker must not sit minutes inside one request.
+BOTO_MAX_ATTEMPTS = 2
+
+_NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound", "InvalidBucketName"}
+_DENIED = {"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+           "AllAccessDisabled", "AccountProblem", "ExpiredToken", "InvalidToken", "TokenRefreshRequired",
+           "InvalidObjectState", "RequestTimeTooSkewed"}
+_TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+              "ServiceUnavailable"}
+
+
+def s3_client(settings: Settings):
+    """A boto3 S3 client configured from the worker's settings (never from a job)."""
+    session = boto3.session.Session(profile_name=settings.s3_profile)
+    config = Config(s3={"addressing_style": settings.s3_addressing_style},
+                    connect_timeout=settings.s3_connect_timeout, read_timeout=settings.s3_read_timeout,
+                    retries={"mode": "standard", "max_attempts": BOTO_MAX_ATTEMPTS})
+    return session.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
+                          config=config)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def file_path(uri: str) -> Path:
+    return Path(url2pathname(urlparse(uri).path))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _too_large(uri: str, size: int | None, limit: int) -> AudioqError:
+    found = f"is {_mb(size)}" if size is not None else "is larger than that"
+    return AudioqError(FailureCode.AUDIO_TOO_LARGE,
+                       f"{uri} {found}; this worker accepts at most {_mb(limit)} (max_audio_bytes)")
+
+
+def storage_error(exc: Exception, uri: str, client=None) -> AudioqError:
+    """Map a boto3/botocore exception raised for ``uri`` to a failure code and message."""
+    if isinstance(exc, boto_errors.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        detail = f"{code}: {error['Message']}" if error.get("Message") else code
+        if code in _TRANSIENT or status >= 500 or status == 429:
+            return AudioqError(FailureCode.STORAGE_UNAVAILABLE, f"storage answered {detail} for {uri}")
+        if code in _NOT_FOUND or status == 404:
+            return AudioqError(FailureCode.AUDIO_NOT_FOUND, _not_found_message(uri, client))
+        if code in _DENIED or status == 403:
+            return AudioqError(FailureCode.ACCESS_DENIED,
+                               f"storage refused access to {uri} ({detail}); check this worker's credentials")
+        return AudioqError(FailureCode.INVALID_REQUEST, f"storage rejected the request for {uri}: {detail}")
+    if isinstance(exc, (boto_errors.NoCredentialsError, boto_errors.PartialCredentialsError,
+                        boto_errors.ProfileNotFound)):
+        return AudioqError(FailureCode.ACCESS_DENIED, f"cannot sign the request for {uri}: {exc}")
+    if isinstance(exc, boto_errors.ParamValidationError):
+        return AudioqError(FailureCode.INVALID_REQUEST, f"{uri} is not a valid S3 location: {exc}")
+    return AudioqError(FailureCode.STORAGE_UNAVAILABLE, f"cannot reach storage for {uri}: {exc}")
+
+
+def _not_found_message(uri: str, client) -> str:
+    """HEAD answers a bare 404 for a missing bucket and a missing key alike: ask which."""
+    bucket, key = split_s3(uri)
+    if client is not None:
+        try:
+            client.head_bucket(Bucket=bucket)
+        except boto_errors.ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in {"404", "NoSuchBucket"}:
+                return f"{uri}: bucket {bucket!r} does not exist"
+        except boto_errors.BotoCoreError:
+            pass
+        else:
+            return f"{uri}: bucket {bucket!r} has no object {key!r}"
+    return f"{uri}: no such bucket or object"
+
+
+@contextmanager
+def fetched_audio(uri: str, settings: Settings) -> Iterator[Path]:
+    """The audio at ``uri`` as a local path for the duration of the ``with`` block."""
+    if urlparse(uri).scheme == "file":
+        yield _local_file(uri, settings.max_audio_bytes)
+        return
+    with tempfile.TemporaryDirectory(prefix="audioq-", dir=settings.temp_dir) as tmp:
+        path = Path(tmp) / ("audio" + Path(split_s3(uri)[1]).suffix[:16])
+        _download(uri, path, settings)
+        yield path
+
+
+def _local_file(uri: str, limit: int) -> Path:
+    """A ``file://`` URI is read in place: it is already local, so there is nothing to copy."""
+    path = file_path(uri)
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise AudioqError(FailureCode.AUDIO_NOT_FOUND, f"{uri} is not a regular file")
+        if not os.access(path, os.R_OK):
+            raise PermissionError(path)
+    except FileNotFoundError:
+        raise AudioqError(FailureCode.AUDIO_NOT_FOUND, f"{uri}: no such file on this worker") from None
+    except PermissionError:
+        raise AudioqError(FailureCode.ACCESS_DENIED, f"{uri}: this worker may not read it") from None
+    if size > limit:
+        raise _too_large(uri, size, limit)
+    return path
+
+
+def _download(uri: str, path: Path, settings: Settings) -> None:
+    bucket, key = split_s3(uri)
+    limit = settings.max_audio_bytes
+    client = None
+    try:
+        client = s3_client(settings)
+        size = client.head_object(Bucket=bucket, Key=key).get("ContentLength")
+        if size is not None and size > limit:
+            raise _too_large(uri, size, limit)
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        written = 0
+        with body, open(path, "wb") as out:
+            for chunk in body.iter_chunks(CHUNK_BYTES):
+                written += len(chunk)
+                if written > limit:
+                    raise _too_large(uri, None, limit)
+                out.write(chunk)
+    except (boto_errors.BotoCoreError, boto_errors.ClientError) as exc:
+        raise storage_error(exc, uri, client) from None
+
+
+def output_uris(output_uri_prefix: str, job_id: str) -> tuple[str, str]:
+    """Where ``write_outputs`` puts the JSON and the text of a job's result."""
+    base = f"{output_uri_prefix.rstrip('/')}/{job_id}"
+    return f"{base}.json", f"{base}.txt"
+
+
+def write_outputs(output_uri_prefix: str, job_id: str, result: JobResult, settings: Settings) -> list[str]:
+    """Write ``<prefix>/<job_id>.json`` (the whole result) and ``.txt`` (its text)."""
+    json_uri, text_uri = output_uris(output_uri_prefix, job_id)
+    files = [(json_uri, result.model_dump_json(indent=2).encode(), "application/json"),
+             (text_uri, (result.text + "\n").encode(), "text/plain; charset=utf-8")]
+    if urlparse(output_uri_prefix).scheme == "file":
+        for uri, data, _ in files:
+            _write_local(uri, data)
+    else:
+        client = None
+        for uri, data, content_type in files:
+            try:
+                client = client or s3_client(settings)
+                bucket, key = split_s3(uri)
+                client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+            except (boto_errors.BotoCoreError, boto_errors.ClientError) as exc:
+                raise storage_error(exc, uri, client) from None
+    return [json_uri, text_uri]
+
+
+def _write_local(uri: str, data: bytes) -> None:
+    """Write through a temporary sibling and rename, so readers never see half a file."""
+    path = file_path(uri)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except PermissionError:
+        raise AudioqError(FailureCode.ACCESS_DENIED, f"{uri}: this worker may not write there") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
