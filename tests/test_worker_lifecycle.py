@@ -213,3 +213,11 @@ def test_a_running_job_is_canceled_during_generation(redis_url, redis_conn, wav)
     failure = fetch(redis_conn, job.id).get_meta()[record.META_FAILURE]
     assert failure["code"] == "canceled" and "at stage generate" in failure["message"]
     assert time.monotonic() - started < 3.5  # stopped within the check interval, not after 500 steps
+
+
+def test_queues_are_served_highest_priority_first(redis_url, redis_conn, wav):
+    jobs = [enqueue(redis_conn, {"audio_uri": wav.as_uri(), "metadata": {"q": q}}, queue=q)
+            for q in ("low", "default", "high", "default")]
+    run_burst(worker_settings(redis_url))
+    started = sorted((fetch(redis_conn, job.id).started_at, job.origin) for job in jobs)
+    assert [origin for _, origin in started] == ["high", "default", "default", "low"]

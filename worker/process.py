@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import threading
 import time
 
@@ -214,7 +216,8 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, burst: bo
             return 2
         log.info("engine %s loaded in %.1f s", engine.model_id, time.perf_counter() - started)
     connection = redis.Redis.from_url(settings.redis_url)
-    worker = AudioWorker(queues or settings.queues, settings=settings, engine=engine,
-                         connection=connection, name=name)
+    # A name that says which Mac ran (or lost) a job; RQ's default is a random hex id.
+    worker = AudioWorker(queues or settings.queues, settings=settings, engine=engine, connection=connection,
+                         name=name or f"{socket.gethostname()}-{os.getpid()}")
     worker.work(burst=burst, max_jobs=max_jobs)
     return 0
