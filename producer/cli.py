@@ -284,7 +284,8 @@ def cmd_info(args, settings: Settings) -> int:
 
 
 def _worker_settings(args, settings: Settings) -> Settings:
-    return settings.model_copy(update={"model": args.model})
+    """``--model`` wins; without it the config file's or AUDIOQ_MODEL's model stays."""
+    return settings.model_copy(update={"model": args.model}) if args.model else settings
 
 
 def _import_worker(module: str, name: str) -> Callable:
@@ -381,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("info", cmd_info, "queue depths and workers")
 
     p = command("worker", cmd_worker, "run the MLX worker in this process (macOS, Apple silicon)")
-    p.add_argument("--model", required=True, metavar="DIR_OR_REPO")
+    p.add_argument("--model", metavar="DIR_OR_REPO", help="checkpoint directory or hub repo id "
+                   "(default: the settings' model, AUDIOQ_MODEL)")
     p.add_argument("--queue", action="append", metavar="Q", help="repeatable, highest priority first")
     p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     p.add_argument("--max-jobs", type=_positive_int, metavar="N")
@@ -389,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("transcribe", cmd_transcribe, "run the model on local files, no queue")
     p.add_argument("files", nargs="+", metavar="AUDIO")
-    p.add_argument("--model", required=True, metavar="DIR")
+    p.add_argument("--model", metavar="DIR_OR_REPO", help="default: the settings' model, AUDIOQ_MODEL")
     p.add_argument("--prompt")
     p.add_argument("--max-new-tokens", type=_positive_int)
     return parser

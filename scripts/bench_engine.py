@@ -32,6 +32,10 @@ from worker.audio import decode_audio  # noqa: E402
 from worker.gemma4.engine import Engine, check_clip  # noqa: E402
 
 
+# ru_maxrss is in bytes on macOS, in kilobytes on Linux
+RSS_UNITS_PER_MB = 2**20 if sys.platform == "darwin" else 2**10
+
+
 def synthetic_clip(seconds: float, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * 16000)) / 16000
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_seconds": load_seconds,
         "clips": results,
         "peak_mlx_memory_mb": mx.get_peak_memory() / 2**20,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / RSS_UNITS_PER_MB,
     }
     if args.json:
         print(json.dumps(report, indent=2))

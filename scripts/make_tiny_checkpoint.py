@@ -231,6 +231,13 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
 }
 
+# For benchmarks, not tests: the real E2B/E4B audio tower (1024 wide, 12 layers, 8 heads,
+# output 1536, ~300 M parameters) in front of the tiny e2b text decoder.
+PRESETS["e2b-audio"] = copy.deepcopy(PRESETS["e2b"])
+PRESETS["e2b-audio"]["audio"].update(hidden_size=1024, num_hidden_layers=12, num_attention_heads=8,
+                                     subsampling_conv_channels=[128, 32], output_proj_dims=1536)
+
+
 # --------------------------------------------------------------------------------------
 # Json side files (spec §1.1).
 

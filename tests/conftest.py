@@ -7,7 +7,6 @@ server) and flush it before and after each test that asks for it.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import boto3
@@ -15,8 +14,6 @@ import numpy as np
 import pytest
 import redis as redis_lib
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
 
 TEST_REDIS_URL = os.environ.get("AUDIOQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 

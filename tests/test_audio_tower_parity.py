@@ -7,31 +7,27 @@ active — is copied through ``sanitize_audio`` exactly as the loader would.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `pytest` without `python -m`
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+import torch
 
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-from transformers.models.gemma4.configuration_gemma4 import (  # noqa: E402
+import mlx.core as mx
+import mlx.nn as nn
+from transformers.models.gemma4.configuration_gemma4 import (
     Gemma4AudioConfig,
     Gemma4TextConfig,
 )
-from transformers.models.gemma4.modeling_gemma4 import (  # noqa: E402
+from transformers.models.gemma4.modeling_gemma4 import (
     Gemma4AudioModel,
     Gemma4MultimodalEmbedder,
 )
 
-from worker.gemma4 import features  # noqa: E402
-from worker.gemma4.audio_tower import AudioConfig, AudioTower, sanitize_audio  # noqa: E402
-from worker.gemma4.projector import AudioEmbedder, valid_rows  # noqa: E402
+from worker.gemma4 import features
+from worker.gemma4.audio_tower import AudioConfig, AudioTower, sanitize_audio
+from worker.gemma4.projector import AudioEmbedder, valid_rows
 
 SMALL = dict(
     hidden_size=64,

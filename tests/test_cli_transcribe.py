@@ -49,3 +49,11 @@ def test_transcribe_plain_text_and_missing_model(tiny_checkpoint, tmp_path, caps
     assert capsys.readouterr().out.count("\n") == 1
     assert main(["transcribe", str(wav), "--model", str(tmp_path / "missing")]) == 2
     assert "no such checkpoint directory" in capsys.readouterr().err
+
+
+def test_model_may_come_from_the_environment(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    wav = tmp_path / "a.wav"
+    sf.write(wav, make_tone(0.8), 16000)
+    monkeypatch.setenv("AUDIOQ_MODEL", str(tiny_checkpoint("e2b")))
+    assert main(["transcribe", str(wav), "--max-new-tokens", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["audio_tokens"] == 20

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `pytest` without `python -m`
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
-from worker.gemma4 import features  # noqa: E402
+from worker.gemma4 import features
 
 CLIP_SECONDS = [0.5, 1.01, 7.3, 29.99, 30.0]
 

@@ -105,9 +105,10 @@ def test_amr_is_named(tmp_path, speech_wav):
     assert "AMR" in fails_with(FailureCode.UNSUPPORTED_FORMAT, tmp_path / "a.amr-nb")
 
 
-def test_a_text_file_is_not_audio(tmp_path):
-    (tmp_path / "notes.wav").write_text("hello, this is not audio\n" * 20)
-    message = fails_with(FailureCode.UNSUPPORTED_FORMAT, tmp_path / "notes.wav")
+@pytest.mark.parametrize("name", ["notes.wav", "notes.mp3", "notes.flac", "notes"])
+def test_a_text_file_is_not_audio(tmp_path, name):
+    (tmp_path / name).write_text("hello, this is not audio\n" * 20)
+    message = fails_with(FailureCode.UNSUPPORTED_FORMAT, tmp_path / name)
     assert "not a recognised audio file" in message and "hello" not in message
 
 

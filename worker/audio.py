@@ -56,6 +56,17 @@ def sniff_container(head: bytes) -> str | None:
     return None
 
 
+def looks_like_audio(head: bytes) -> bool:
+    """Whether the first bytes start a container libsndfile reads (WAV/RF64, FLAC, Ogg, MP3, AIFF, CAF).
+
+    libsndfile picks its MP3 decoder by file extension, so a text file named ``.mp3``
+    fails with a misleading I/O message; this tells "not audio" from "damaged audio".
+    """
+    if head[:4] in (b"RIFF", b"RIFX", b"RF64", b"fLaC", b"OggS", b"FORM", b"caff") or head[:3] == b"ID3":
+        return True
+    return len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0  # MPEG audio frame sync
+
+
 def missing_frames(info, decoded: int) -> int:
     """Frames that ``info`` (``sf.info``) announces but the decoder did not deliver (≤ 0: none)."""
     missing = info.frames - decoded
@@ -83,7 +94,7 @@ def decode_audio(path: str | os.PathLike, *, max_seconds: float | None = None) -
     try:
         info = sf.info(path)
     except sf.LibsndfileError as exc:
-        if "Format not recognised" in exc.error_string:
+        if "Format not recognised" in exc.error_string or not looks_like_audio(head):
             raise AudioqError(FailureCode.UNSUPPORTED_FORMAT,
                               f"not a recognised audio file; supported: {SUPPORTED}") from None
         raise AudioqError(FailureCode.CORRUPT_AUDIO, f"cannot read the audio header: {exc.error_string}") from None

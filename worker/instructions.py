@@ -9,7 +9,8 @@ from __future__ import annotations
 from producer.schema import JobRequest
 
 TRANSCRIBE = "Transcribe the following speech segment in its original language. Only output the transcription."
-TRANSCRIBE_IN = "Transcribe the following speech segment in {language} into {language} text. Only output the transcription."
+TRANSCRIBE_IN = ("Transcribe the following speech segment in {language} into {language} text. "
+                 "Only output the transcription.")
 TRANSLATE = "Translate the following speech segment into {target}. Only output the translation."
 TRANSLATE_FROM = "Translate the following speech segment in {language} into {target}. Only output the translation."
 
