@@ -114,3 +114,23 @@ def test_not_a_directory_nor_a_repo_id(tmp_path):
     with pytest.raises(AudioqError) as err:
         Engine.load(str(tmp_path / "nowhere"))
     assert "no such checkpoint directory" in err.value.message
+
+
+def test_vision_weights_are_skipped(tiny_checkpoint, tmp_path):
+    """Real E2B/E4B checkpoints carry a vision tower; the audio engine loads without it."""
+    ckpt = shutil.copytree(tiny_checkpoint("e2b"), tmp_path / "ckpt")
+    weights = mx.load(str(ckpt / "model.safetensors"))
+    weights["model.vision_tower.encoder.layers.0.mlp.fc1.weight"] = mx.zeros((8, 8))
+    weights["model.embed_vision.embedding_projection.weight"] = mx.zeros((64, 8))
+    mx.save_safetensors(str(ckpt / "model.safetensors"), weights)
+    (out,) = Engine.load(str(ckpt)).run([ClipRequest(make_tone(1.0)[:, 0], "Transcribe.", 3)])
+    assert out.audio_tokens == 25
+
+
+def test_thought_channel_is_stripped_from_the_reply(engine):
+    prompts = engine.prompts
+    text_ids = engine.model.tokenizer.encode("hello there", add_special_tokens=False).ids
+    thought = [prompts.channel_open] + engine.model.tokenizer.encode(
+        "thought\nlet me think", add_special_tokens=False).ids + [prompts.channel_close]
+    assert prompts.reply_text(thought + text_ids) == prompts.reply_text(text_ids) == "hello there"
+    assert prompts.reply_text([prompts.channel_open] + text_ids) != ""  # unclosed: kept, not lost
