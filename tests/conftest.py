@@ -99,6 +99,14 @@ def tiny_checkpoint(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    """The real engine on the tiny e2b checkpoint, loaded once per test module (~0.01 s)."""
+    from worker.gemma4.engine import Engine
+
+    return Engine.load(str(tiny_checkpoint()))
+
+
 _REPORT_LINES: list[str] = []
 
 

@@ -35,10 +35,10 @@ def json_queue(redis_conn, name="default") -> Queue:
     return Queue(name, connection=redis_conn, serializer=JSONSerializer)
 
 
-def test_a_job_naming_os_system_is_failed_not_run(redis_url, redis_conn, mark, good_request):
+def test_a_job_naming_os_system_is_failed_not_run(redis_url, redis_conn, engine, mark, good_request):
     crafted = json_queue(redis_conn).enqueue("os.system", f"touch {mark}")
     good = enqueue(redis_conn, good_request)
-    run_burst(worker_settings(redis_url))
+    run_burst(worker_settings(redis_url), engine)
     crafted = fetch(redis_conn, crafted.id)
     assert not mark.exists()
     assert crafted.get_status() == "failed" and failure_code(crafted) == "invalid_request"
@@ -47,33 +47,33 @@ def test_a_job_naming_os_system_is_failed_not_run(redis_url, redis_conn, mark, g
 
 
 @pytest.mark.parametrize("hook", ["on_success", "on_failure", "on_stopped"])
-def test_a_job_carrying_callback_names_is_refused_and_the_callback_never_runs(redis_url, redis_conn, mark,
-                                                                              good_request, hook):
+def test_a_job_carrying_callback_names_is_refused_and_the_callback_never_runs(redis_url, redis_conn, engine,
+                                                                              mark, good_request, hook):
     crafted = json_queue(redis_conn).enqueue(record.TASK_FUNC, good_request,
                                              **{hook: Callback("worker_fixtures.leave_mark")})
-    run_burst(worker_settings(redis_url))
+    run_burst(worker_settings(redis_url), engine)
     crafted = fetch(redis_conn, crafted.id)
     assert not mark.exists()
     assert failure_code(crafted) == "invalid_request"
     assert "carry no callbacks" in crafted.get_meta()[record.META_FAILURE]["message"]
 
 
-def test_a_pickled_job_is_refused_without_unpickling_it(redis_url, redis_conn, mark, good_request):
+def test_a_pickled_job_is_refused_without_unpickling_it(redis_url, redis_conn, engine, mark, good_request):
     crafted = Job.create(print, args=[PickleBomb(mark)], connection=redis_conn, serializer=pickle,
                          origin="default")
     crafted.save()
     Queue("default", connection=redis_conn).push_job_id(crafted.id)
     good = enqueue(redis_conn, good_request)
-    run_burst(worker_settings(redis_url))
+    run_burst(worker_settings(redis_url), engine)
     assert not mark.exists()
     crafted = fetch(redis_conn, crafted.id)
     assert crafted.get_status() == "failed" and failure_code(crafted) == "invalid_request"
     assert fetch(redis_conn, good.id).get_status() == "finished"
 
 
-def test_a_job_with_extra_arguments_is_refused(redis_url, redis_conn, good_request):
+def test_a_job_with_extra_arguments_is_refused(redis_url, redis_conn, engine, good_request):
     crafted = json_queue(redis_conn).enqueue(record.TASK_FUNC, good_request, "second argument")
-    run_burst(worker_settings(redis_url))
+    run_burst(worker_settings(redis_url), engine)
     assert failure_code(fetch(redis_conn, crafted.id)) == "invalid_request"
 
 
@@ -83,10 +83,10 @@ def test_a_job_with_extra_arguments_is_refused(redis_url, redis_conn, good_reque
     ({"audio_uri": "s3://audio/a.wav", "task": "translate"}, "needs target_language"),
     ({"audio_uri": "s3://audio/a.wav", "max_new_tokens": 0}, "max_new_tokens"),
 ])
-def test_a_bad_request_dict_written_past_the_producer_is_invalid_request(redis_url, redis_conn, request_dict,
-                                                                        says):
+def test_a_bad_request_dict_written_past_the_producer_is_invalid_request(redis_url, redis_conn, engine,
+                                                                        request_dict, says):
     job = enqueue(redis_conn, request_dict)
-    run_burst(worker_settings(redis_url))
+    run_burst(worker_settings(redis_url), engine)
     job = fetch(redis_conn, job.id)
     failure = job.get_meta()[record.META_FAILURE]
     assert job.get_status() == "failed" and failure["code"] == "invalid_request"
@@ -94,12 +94,12 @@ def test_a_bad_request_dict_written_past_the_producer_is_invalid_request(redis_u
     assert job.latest_result().exc_string == f"invalid_request: {failure['message']}"
 
 
-def test_a_job_record_rq_cannot_parse_is_failed_and_the_worker_goes_on(redis_url, redis_conn, good_request):
+def test_a_job_record_rq_cannot_parse_is_failed_and_the_worker_goes_on(redis_url, redis_conn, engine, good_request):
     """Without this, RQ's worker quits on the first malformed hash ("unhandled exception")."""
     crafted = json_queue(redis_conn).enqueue(record.TASK_FUNC, good_request)
     redis_conn.hset(crafted.key, "status", "no-such-status")
     good = enqueue(redis_conn, good_request)
-    run_burst(worker_settings(redis_url))
+    run_burst(worker_settings(redis_url), engine)
     assert fetch(redis_conn, good.id).get_status() == "finished"
     crafted = fetch(redis_conn, crafted.id)
     assert crafted.get_status() == "failed" and failure_code(crafted) == "invalid_request"

@@ -1,6 +1,10 @@
-"""A job's life through a real burst worker: claim, progress, result, and every failure code
-a real bad input produces. ``ScriptedEngine`` stands in for the model here (see
-worker_fixtures); the same paths run through the real engine in test_e2e_worker.
+"""A job's life through a real burst worker and the real engine: claim, progress, result,
+timeout, cancel, priorities, and every failure code a real bad input produces.
+
+The engine runs the tiny random-weight e2b checkpoint: its text is noise, but greedy
+decoding is deterministic, so a job's result must equal what ``Engine.run`` gives for the
+same decoded clip, instruction and budget. Jobs that must still be generating when their
+deadline passes or they are canceled run on ``long_tone`` (see worker_fixtures).
 """
 
 from __future__ import annotations
@@ -12,12 +16,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import make_tone
-from worker_fixtures import (WEED_KEY, ScriptedEngine, enqueue, failure_code, fetch, run_burst, seaweedfs,  # noqa: F401
-                             worker_settings, write_wav)
+from rq.job import Job
+from worker_fixtures import (TEST_DEFAULT_MAX_NEW_TOKENS, WEED_KEY, enqueue, failure_code, fetch,  # noqa: F401
+                             long_tone, run_burst, seaweedfs, worker_settings, write_wav)
 
 from producer import record
-from producer.schema import JobResult
+from producer.schema import JobRequest, JobResult
+from worker.audio import decode_audio
+from worker.gemma4.engine import ClipOutput, ClipRequest
 from worker.gemma4.features import audio_token_count
+from worker.instructions import instruction_for
 
 
 @pytest.fixture
@@ -25,50 +33,105 @@ def wav(tmp_path):
     return write_wav(tmp_path / "ok.wav", make_tone(1.25, sr=22_050), rate=22_050)
 
 
-def run_one(redis_url, redis_conn, request: dict, engine=None, **overrides):
+@pytest.fixture
+def long_wav(tmp_path):
+    return long_tone(tmp_path / "long.wav")
+
+
+def run_one(redis_url, redis_conn, engine, request: dict, **overrides):
     job = enqueue(redis_conn, request)
     run_burst(worker_settings(redis_url, **overrides), engine)
     return fetch(redis_conn, job.id)
 
 
+def run_directly(engine, path, request: dict, budget: int) -> ClipOutput:
+    """What the engine gives for the worker's clip, instruction and budget, without a worker."""
+    (output,) = engine.run([ClipRequest(decode_audio(path), instruction_for(JobRequest(**request)), budget)])
+    return output
+
+
 # ------------------------------------------------------------------ success
-def test_a_good_job_returns_its_result_and_records_progress_and_attempt(redis_url, redis_conn, wav):
-    job = run_one(redis_url, redis_conn, {"audio_uri": wav.as_uri(), "metadata": {"batch": 7}},
-                  ScriptedEngine(steps=4, text="four words of text"))
-    assert job.get_status() == "finished"
+def test_a_good_job_returns_the_engines_result_and_records_progress_and_attempt(redis_url, redis_conn, engine,
+                                                                                wav):
+    request = {"audio_uri": wav.as_uri(), "metadata": {"batch": 7}}
+    job = run_one(redis_url, redis_conn, engine, request)
+    assert job.get_status() == "finished", job.get_meta().get(record.META_FAILURE)
     result = JobResult.model_validate(job.return_value())
-    assert result.text == "four words of text" and result.tokens == 4 and result.model == "scripted"
-    assert result.audio_seconds == pytest.approx(1.25, abs=0.01)
+    expected = run_directly(engine, wav, request, TEST_DEFAULT_MAX_NEW_TOKENS)
+    assert expected.tokens  # the comparison below is between real generations, not two empty strings
+    assert result.text == expected.text and result.tokens == len(expected.tokens) <= TEST_DEFAULT_MAX_NEW_TOKENS
+    assert result.model == engine.model_id and result.audio_seconds == pytest.approx(1.25, abs=0.01)
     assert [(s.start, s.end, s.text) for s in result.segments] == [(0.0, result.audio_seconds, result.text)]
-    assert result.audio_tokens == audio_token_count(20_000) and result.metadata == {"batch": 7}
-    assert {"fetch", "decode_audio", "front_end", "audio_tower", "prefill", "generate"} <= set(result.timings)
+    assert result.audio_tokens == audio_token_count(20_000) == expected.audio_tokens
+    assert result.metadata == {"batch": 7}
+    stages = {"fetch", "decode_audio", "front_end", "audio_tower", "prefill", "generate"}
+    assert stages <= set(result.timings) and all(result.timings[s] >= 0 for s in stages)
     meta = job.get_meta()
     assert meta[record.META_ATTEMPT] == 1 and meta[record.META_PROGRESS]["stage"] == "generate"
     assert record.META_FAILURE not in meta and meta[record.META_REQUEST]["audio_uri"] == wav.as_uri()
 
 
-def test_outputs_are_written_when_the_request_names_an_output_uri(redis_url, redis_conn, wav, tmp_path):
-    job = run_one(redis_url, redis_conn, {"audio_uri": wav.as_uri(), "output_uri": (tmp_path / "out").as_uri()})
+def test_outputs_are_written_when_the_request_names_an_output_uri(redis_url, redis_conn, engine, wav, tmp_path):
+    job = run_one(redis_url, redis_conn, engine, {"audio_uri": wav.as_uri(), "output_uri": (tmp_path / "out").as_uri()})
     result = JobResult.model_validate(job.return_value())
     assert result.output_uris == [(tmp_path / "out" / f"{job.id}.json").as_uri(),
                                   (tmp_path / "out" / f"{job.id}.txt").as_uri()]
-    assert (tmp_path / "out" / f"{job.id}.txt").read_text() == "scripted transcript\n"
+    stored = JobResult.model_validate_json((tmp_path / "out" / f"{job.id}.json").read_text())
+    assert stored.text == result.text and stored.output_uris == result.output_uris
+    assert (tmp_path / "out" / f"{job.id}.txt").read_text() == result.text + "\n"
     assert job.get_meta()[record.META_PROGRESS]["stage"] == "write" and "write" in result.timings
 
 
-def test_progress_is_written_per_stage_not_per_decode_step(redis_url, redis_conn, wav):
-    def meta_writes(steps: int) -> int:
-        before = redis_conn.info("commandstats").get("cmdstat_hset", {}).get("calls", 0)
-        run_one(redis_url, redis_conn, {"audio_uri": wav.as_uri(), "max_new_tokens": 1000},
-                ScriptedEngine(steps=steps))
-        return redis_conn.info("commandstats")["cmdstat_hset"]["calls"] - before
+def writes_to_job(redis_conn, job_id: str, action) -> list[str]:
+    """The fields of the job's hash HSET while ``action()`` runs, as Redis MONITOR reports them.
 
-    assert meta_writes(400) - meta_writes(2) <= 2
+    (Counting the server's HSET calls would also count the scheduler's heartbeat, which the
+    worker's maintenance thread writes a few times a second, however long the job runs.)
+    """
+    db = redis_conn.connection_pool.connection_kwargs.get("db", 0)
+    key, done = Job.key_for(job_id), f"writes-to-job-done-{job_id}"
+    writes: list[str] = []
+    monitoring = threading.Event()
+
+    def listen():
+        with redis_conn.monitor() as monitor:
+            monitoring.set()
+            for command in monitor.listen():
+                if done in command["command"]:
+                    return
+                if command["db"] == db and command["command"].startswith(f"HSET {key} "):
+                    writes.append(command["command"].split(" ", 3)[2])
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    assert monitoring.wait(10)
+    action()
+    redis_conn.echo(done)
+    listener.join(10)
+    assert not listener.is_alive()
+    return writes
 
 
-def test_requested_max_new_tokens_reaches_the_engine(redis_url, redis_conn, wav):
-    job = run_one(redis_url, redis_conn, {"audio_uri": wav.as_uri(), "max_new_tokens": 2}, ScriptedEngine(steps=9))
-    assert job.return_value()["tokens"] == 2
+def test_progress_is_written_per_stage_not_per_decode_step(redis_url, redis_conn, engine, long_wav):
+    stages = ["claimed", "fetch", "decode_audio", "front_end", "audio_tower", "prefill", "generate"]
+
+    def meta_writes(tokens: int) -> int:
+        job = enqueue(redis_conn, {"audio_uri": long_wav.as_uri(), "max_new_tokens": tokens})
+        fields = writes_to_job(redis_conn, job.id, lambda: run_burst(worker_settings(redis_url), engine))
+        assert "status" in fields  # the monitor saw the job's record being written
+        job = fetch(redis_conn, job.id)
+        assert job.return_value()["tokens"] == tokens  # every decode step of the budget really ran
+        assert job.get_meta()[record.META_PROGRESS]["stage"] == "generate"
+        return fields.count("meta")
+
+    assert meta_writes(300) == meta_writes(2) == len(stages)  # one progress write per stage entered
+
+
+def test_requested_max_new_tokens_reaches_the_engine(redis_url, redis_conn, engine, long_wav):
+    request = {"audio_uri": long_wav.as_uri(), "max_new_tokens": 5}
+    job = run_one(redis_url, redis_conn, engine, request)
+    assert job.return_value()["tokens"] == 5 != TEST_DEFAULT_MAX_NEW_TOKENS
+    assert job.return_value()["text"] == run_directly(engine, long_wav, request, 5).text
 
 
 # ------------------------------------------------------------------ failures from real bad inputs
@@ -123,11 +186,11 @@ def too_large(tmp_path):
     (too_long, "audio_too_long", "at most 30 s", {}),
     (too_large, "audio_too_large", "at most 0.1 MB", {"max_audio_bytes": 100_000}),
 ])
-def test_bad_audio_fails_with_its_code_and_the_worker_moves_on(redis_url, redis_conn, tmp_path, wav, make_uri,
-                                                              code, says, limits):
+def test_bad_audio_fails_with_its_code_and_the_worker_moves_on(redis_url, redis_conn, engine, tmp_path, wav,
+                                                              make_uri, code, says, limits):
     bad = enqueue(redis_conn, {"audio_uri": make_uri(tmp_path)})
     good = enqueue(redis_conn, {"audio_uri": wav.as_uri()})
-    run_burst(worker_settings(redis_url, **limits))
+    run_burst(worker_settings(redis_url, **limits), engine)
     bad = fetch(redis_conn, bad.id)
     failure = bad.get_meta()[record.META_FAILURE]
     assert bad.get_status() == "failed" and failure["code"] == code and says in failure["message"]
@@ -136,7 +199,7 @@ def test_bad_audio_fails_with_its_code_and_the_worker_moves_on(redis_url, redis_
     assert fetch(redis_conn, good.id).get_status() == "finished"
 
 
-def test_s3_failures_through_the_worker_leave_no_temp_files(redis_url, redis_conn, s3_bucket, tmp_path):
+def test_s3_failures_through_the_worker_leave_no_temp_files(redis_url, redis_conn, engine, s3_bucket, tmp_path):
     client, bucket = s3_bucket
     client.put_object(Bucket=bucket, Key="notes.wav", Body=b"just some text, not audio" * 10)
     client.put_object(Bucket=bucket, Key="ok.wav", Body=write_wav(tmp_path / "ok.wav", make_tone(1.0)).read_bytes())
@@ -145,7 +208,7 @@ def test_s3_failures_through_the_worker_leave_no_temp_files(redis_url, redis_con
              f"s3://{bucket}/ok.wav")}
     (tmp_path / "tmp").mkdir()
     run_burst(worker_settings(redis_url, s3_endpoint_url=s3_bucket[0].meta.endpoint_url, s3_region="us-east-1",
-                              temp_dir=str(tmp_path / "tmp")))
+                              temp_dir=str(tmp_path / "tmp")), engine)
     codes = {uri: failure_code(fetch(redis_conn, job.id)) for uri, job in jobs.items()}
     assert codes == {f"s3://{bucket}/missing.wav": "audio_not_found", "s3://no-such-bucket-x/a.wav": "audio_not_found",
                      f"s3://{bucket}/notes.wav": "unsupported_format", f"s3://{bucket}/ok.wav": None}
@@ -153,52 +216,57 @@ def test_s3_failures_through_the_worker_leave_no_temp_files(redis_url, redis_con
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
-def test_wrong_storage_credentials_fail_as_access_denied(redis_url, redis_conn, seaweedfs, monkeypatch,  # noqa: F811
-                                                         wav):
+def test_wrong_storage_credentials_fail_as_access_denied(redis_url, redis_conn, engine, seaweedfs,  # noqa: F811
+                                                         monkeypatch, wav):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", WEED_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     denied = enqueue(redis_conn, {"audio_uri": "s3://audio/probe"})
     good = enqueue(redis_conn, {"audio_uri": wav.as_uri()})
-    run_burst(worker_settings(redis_url, s3_endpoint_url=seaweedfs, s3_region="us-east-1"))
+    run_burst(worker_settings(redis_url, s3_endpoint_url=seaweedfs, s3_region="us-east-1"), engine)
     failure = fetch(redis_conn, denied.id).get_meta()[record.META_FAILURE]
     assert failure["code"] == "access_denied" and not failure["retryable"]
     assert fetch(redis_conn, good.id).get_status() == "finished"
 
 
-def test_max_new_tokens_over_the_limit_is_refused_not_clamped(redis_url, redis_conn, wav):
-    job = run_one(redis_url, redis_conn, {"audio_uri": wav.as_uri(), "max_new_tokens": 5000})
+def test_max_new_tokens_over_the_limit_is_refused_not_clamped(redis_url, redis_conn, engine, wav):
+    job = run_one(redis_url, redis_conn, engine, {"audio_uri": wav.as_uri(), "max_new_tokens": 5000})
     assert failure_code(job) == "invalid_request"
     assert "above this worker's limit of 2048" in job.get_meta()[record.META_FAILURE]["message"]
 
 
 # ------------------------------------------------------------------ timeout and cancel
-def test_a_job_past_its_audio_derived_budget_times_out(redis_url, redis_conn, wav):
-    job = run_one(redis_url, redis_conn, {"audio_uri": wav.as_uri()}, ScriptedEngine(steps=100, step_seconds=0.02),
-                  job_timeout_base=0.2, job_timeout_per_audio_second=0.1)
-    failure = job.get_meta()[record.META_FAILURE]
+def test_a_job_past_its_audio_derived_budget_times_out_while_generating(redis_url, redis_conn, engine, long_wav):
+    job = enqueue(redis_conn, {"audio_uri": long_wav.as_uri(), "max_new_tokens": 2048})  # ~13 s of decoding
+    started = time.monotonic()
+    run_burst(worker_settings(redis_url, job_timeout_base=0.5, job_timeout_per_audio_second=0.25), engine)
+    elapsed = time.monotonic() - started
+    failure = fetch(redis_conn, job.id).get_meta()[record.META_FAILURE]
     assert failure["code"] == "timeout" and "at stage generate" in failure["message"]
-    assert "budget of 0.3 s" in failure["message"] and "1.2 s of audio" in failure["message"]
+    assert "budget of 1.0 s" in failure["message"] and "2.0 s of audio" in failure["message"]
+    assert elapsed < 5  # stopped at its deadline, not after the whole budget
 
 
-def test_the_budget_grows_with_the_audio_length(redis_url, redis_conn, wav):
-    job = run_one(redis_url, redis_conn, {"audio_uri": wav.as_uri()}, ScriptedEngine(steps=20, step_seconds=0.02),
-                  job_timeout_base=0.2, job_timeout_per_audio_second=1.0)
-    assert job.get_status() == "finished"
+def test_the_budget_grows_with_the_audio_length(redis_url, redis_conn, engine, long_wav):
+    job = run_one(redis_url, redis_conn, engine, {"audio_uri": long_wav.as_uri(), "max_new_tokens": 150},
+                  job_timeout_base=0.2, job_timeout_per_audio_second=4.0)
+    assert job.get_status() == "finished" and job.return_value()["tokens"] == 150
+    # It ran past the base alone: only the 2 s of audio's share (8 s) kept it from timing out.
+    assert (job.ended_at - job.started_at).total_seconds() > 0.2
 
 
-def test_a_job_canceled_while_queued_stops_at_claim(redis_url, redis_conn, tmp_path):
+def test_a_job_canceled_while_queued_stops_at_claim(redis_url, redis_conn, engine, tmp_path):
     job = enqueue(redis_conn, {"audio_uri": (tmp_path / "never-fetched.wav").as_uri()})
     redis_conn.set(record.cancel_key(job.id), "1")
-    run_burst(worker_settings(redis_url))
+    run_burst(worker_settings(redis_url), engine)
     failure = fetch(redis_conn, job.id).get_meta()[record.META_FAILURE]
     assert failure["code"] == "canceled" and "at stage claimed" in failure["message"]
 
 
-def test_a_running_job_is_canceled_during_generation(redis_url, redis_conn, wav):
-    job = enqueue(redis_conn, {"audio_uri": wav.as_uri()})
+def test_a_running_job_is_canceled_during_generation(redis_url, redis_conn, engine, long_wav):
+    job = enqueue(redis_conn, {"audio_uri": long_wav.as_uri(), "max_new_tokens": 2048})  # ~13 s of decoding
 
     def cancel_when_generating():
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if (job.get_meta(refresh=True).get(record.META_PROGRESS) or {}).get("stage") == "generate":
                 redis_conn.set(record.cancel_key(job.id), "1")
@@ -208,16 +276,16 @@ def test_a_running_job_is_canceled_during_generation(redis_url, redis_conn, wav)
     canceller = threading.Thread(target=cancel_when_generating)
     canceller.start()
     started = time.monotonic()
-    run_burst(worker_settings(redis_url), ScriptedEngine(steps=500, step_seconds=0.01))
+    run_burst(worker_settings(redis_url), engine)
     canceller.join()
     failure = fetch(redis_conn, job.id).get_meta()[record.META_FAILURE]
     assert failure["code"] == "canceled" and "at stage generate" in failure["message"]
-    assert time.monotonic() - started < 3.5  # stopped within the check interval, not after 500 steps
+    assert time.monotonic() - started < 5  # stopped within the check interval, not after 2048 tokens
 
 
-def test_queues_are_served_highest_priority_first(redis_url, redis_conn, wav):
+def test_queues_are_served_highest_priority_first(redis_url, redis_conn, engine, wav):
     jobs = [enqueue(redis_conn, {"audio_uri": wav.as_uri(), "metadata": {"q": q}}, queue=q)
             for q in ("low", "default", "high", "default")]
-    run_burst(worker_settings(redis_url))
+    run_burst(worker_settings(redis_url), engine)
     started = sorted((fetch(redis_conn, job.id).started_at, job.origin) for job in jobs)
     assert [origin for _, origin in started] == ["high", "default", "default", "low"]

@@ -1,29 +1,46 @@
 """Worker processes that die or are stopped: lost jobs are resolved, warm shutdown finishes the job.
 
-Workers run as real subprocesses (``run_worker`` with a ScriptedEngine whose decode steps
-take real time), and are SIGKILLed or SIGTERMed mid-job. Liveness times are scaled down
-(heartbeat 0.2 s, lost after 1 s); with the defaults (15 s, 60 s) the same mechanism
-resolves a lost job within lost_after + heartbeat_interval = 75 s.
+Workers run as real subprocesses (``run_worker`` loading the tiny random-weight e2b
+checkpoint) and are SIGKILLed or SIGTERMed while the real engine is generating. Jobs run on
+``long_tone``, on which the checkpoint generates its whole ``max_new_tokens`` (see
+worker_fixtures), so the budget sets how long a job keeps generating; tests that let a job
+finish assert it generated the full budget. When a test needs two workers, both start
+before the job is enqueued, and the one that takes it is signalled as soon as the job is
+generating, so the budget need not cover a second worker's start-up.
+
+Liveness times are scaled down (heartbeat 0.2 s, lost after 1 s); with the defaults (15 s,
+60 s) the same mechanism resolves a lost job within lost_after + heartbeat_interval = 75 s.
 """
 
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
+from datetime import datetime, timezone
 
 import pytest
-from conftest import make_tone
 from rq import SimpleWorker
-from worker_fixtures import enqueue, fetch, start_worker, wait_for, worker_settings, write_wav
+from worker_fixtures import enqueue, fetch, long_tone, start_worker, wait_for, worker_settings
 
 from producer import record
 
-LONG_JOB = dict(steps=2048, step_seconds=0.02)  # 40 s unless killed
+# Tokens, at ~5-7 ms each here: long enough to signal the job mid-generation, short enough to
+# run to the end when the test needs the job finished.
+SHORT_RUN = 300  # ~2 s
+BEATING_RUN = 1024  # ~6 s, for a job that must outlive 3 x lost_after
+KILLED_RUN = 2048  # ~13 s; never run to the end
 
 
 @pytest.fixture
-def request_dict(tmp_path):
-    return {"audio_uri": write_wav(tmp_path / "a.wav", make_tone(1.0)).as_uri(), "max_new_tokens": 2048}
+def model(tiny_checkpoint) -> str:
+    return str(tiny_checkpoint())
+
+
+@pytest.fixture
+def long_request(tmp_path):
+    uri = long_tone(tmp_path / "long.wav").as_uri()
+    return lambda max_new_tokens: {"audio_uri": uri, "max_new_tokens": max_new_tokens}
 
 
 @pytest.fixture
@@ -44,31 +61,52 @@ def workers(redis_conn) -> int:
     return SimpleWorker.count(connection=redis_conn)
 
 
-def kill_mid_job(redis_conn, settings, job, tmp_path, procs, **survivor):
-    """Start a worker on ``job``, then an idle survivor, then SIGKILL the first; returns (kill time, survivor)."""
-    doomed = start_worker(settings, tmp_path / "doomed.log", **LONG_JOB)
-    procs.append(doomed)
+def start_idle_workers(redis_conn, settings, tmp_path, procs, count: int, **options) -> list[subprocess.Popen]:
+    started = [start_worker(settings, tmp_path / f"worker{i}.log", **options) for i in range(count)]
+    procs.extend(started)
+    wait_for(lambda: workers(redis_conn) == count, what=f"{count} workers to register")
+    return started
+
+
+def split_by_job(redis_conn, job, pair: list[subprocess.Popen]) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """(the worker running ``job``, the other one); worker names end in the process id."""
+    pid = int(fetch(redis_conn, job.id).worker_name.rsplit("-", 1)[1])
+    (busy,) = [p for p in pair if p.pid == pid]
+    (other,) = [p for p in pair if p.pid != pid]
+    return busy, other
+
+
+def kill_mid_job(redis_conn, settings, request, tmp_path, procs, **options):
+    """Two idle workers, then ``request``; the worker that takes it is SIGKILLed while generating.
+
+    Returns (job, kill time, survivor).
+    """
+    pair = start_idle_workers(redis_conn, settings, tmp_path, procs, 2, **options)
+    job = enqueue(redis_conn, request)
     wait_for(lambda: stage_of(job) == "generate", what="the job to be generating")
-    other = start_worker(settings, tmp_path / "survivor.log", **survivor)
-    procs.append(other)
-    wait_for(lambda: workers(redis_conn) == 2, what="the survivor to register")
+    doomed, survivor = split_by_job(redis_conn, job, pair)
     doomed.send_signal(signal.SIGKILL)
     doomed.wait()
-    return time.monotonic(), other
+    killed_at = time.monotonic()
+    # Killed mid-job, not after it: what RQ alone would show for 10+ minutes.
+    assert fetch(redis_conn, job.id).get_status() == "started"
+    return job, killed_at, survivor
 
 
-def test_a_sigkilled_workers_job_is_requeued_and_finished_by_another_worker(redis_url, redis_conn, request_dict,
-                                                                            tmp_path, procs, report):
-    settings = worker_settings(redis_url, lost_job_retries=1)
-    job = enqueue(redis_conn, request_dict)
-    killed_at, survivor = kill_mid_job(redis_conn, settings, job, tmp_path, procs, max_jobs=1)
-    assert fetch(redis_conn, job.id).get_status() == "started"  # what RQ alone would show for 10+ minutes
+def test_a_sigkilled_workers_job_is_requeued_and_finished_by_another_worker(redis_url, redis_conn, model,
+                                                                            long_request, tmp_path, procs, report):
+    settings = worker_settings(redis_url, model=model, lost_job_retries=1)
+    job, killed_at, survivor = kill_mid_job(redis_conn, settings, long_request(SHORT_RUN), tmp_path, procs,
+                                            max_jobs=1)
+    doomed_name = fetch(redis_conn, job.id).worker_name
     wait_for(lambda: job.get_meta(refresh=True).get(record.META_LOST), what="the reaper to requeue the job")
     requeued_after = time.monotonic() - killed_at
-    assert survivor.wait(timeout=20) == 0
+    assert survivor.wait(timeout=60) == 0
     job = fetch(redis_conn, job.id)
     meta = job.get_meta()
     assert job.get_status() == "finished"
+    result = job.return_value()
+    assert result["tokens"] == SHORT_RUN and result["worker"] == job.worker_name != doomed_name
     assert meta[record.META_LOST] == 1 and meta[record.META_ATTEMPT] == 2
     retry = meta[record.META_RETRY]
     assert retry["code"] == "worker_lost" and "at stage generate" in retry["message"]
@@ -77,11 +115,10 @@ def test_a_sigkilled_workers_job_is_requeued_and_finished_by_another_worker(redi
            f"(lost_after {settings.lost_after:g} s, heartbeat {settings.heartbeat_interval:g} s)")
 
 
-def test_a_job_lost_more_often_than_allowed_fails_as_worker_lost(redis_url, redis_conn, request_dict, tmp_path,
-                                                                 procs, report):
-    settings = worker_settings(redis_url, lost_job_retries=0)
-    job = enqueue(redis_conn, request_dict)
-    killed_at, idle = kill_mid_job(redis_conn, settings, job, tmp_path, procs)
+def test_a_job_lost_more_often_than_allowed_fails_as_worker_lost(redis_url, redis_conn, model, long_request,
+                                                                 tmp_path, procs, report):
+    settings = worker_settings(redis_url, model=model, lost_job_retries=0)
+    job, killed_at, idle = kill_mid_job(redis_conn, settings, long_request(KILLED_RUN), tmp_path, procs)
     wait_for(lambda: fetch(redis_conn, job.id).get_status() == "failed", what="the lost job to fail")
     failed_after = time.monotonic() - killed_at
     job = fetch(redis_conn, job.id)
@@ -96,34 +133,36 @@ def test_a_job_lost_more_often_than_allowed_fails_as_worker_lost(redis_url, redi
     assert idle.wait(timeout=10) == 0
 
 
-def test_a_running_job_keeps_beating_and_is_never_reaped(redis_url, redis_conn, request_dict, tmp_path, procs):
-    settings = worker_settings(redis_url)
-    job = enqueue(redis_conn, request_dict)
-    busy = start_worker(settings, tmp_path / "busy.log", steps=700, step_seconds=0.01, max_jobs=1)
-    procs.append(busy)
+def test_a_running_job_keeps_beating_and_is_never_reaped(redis_url, redis_conn, model, long_request, tmp_path,
+                                                         procs):
+    settings = worker_settings(redis_url, model=model)
+    pair = start_idle_workers(redis_conn, settings, tmp_path, procs, 2, max_jobs=1)
+    job = enqueue(redis_conn, long_request(BEATING_RUN))
     wait_for(lambda: stage_of(job) == "generate", what="the job to be generating")
-    sweeper = start_worker(settings, tmp_path / "sweeper.log")
-    procs.append(sweeper)
-    wait_for(lambda: workers(redis_conn) == 2, what="the sweeping worker to register")
+    busy, sweeper = split_by_job(redis_conn, job, pair)
     assert 0 < redis_conn.pttl(record.beat_key(job.id)) <= settings.lost_after * 1000
-    time.sleep(3 * settings.lost_after)
-    assert fetch(redis_conn, job.id).get_status() == "started"
-    assert busy.wait(timeout=30) == 0
+    time.sleep(3 * settings.lost_after)  # three times over, the idle worker's sweeps would reap a beatless job
+    # Still generating: the window really covered a running job.
+    assert fetch(redis_conn, job.id).get_status() == "started" and stage_of(job) == "generate"
+    assert busy.wait(timeout=60) == 0
     job = fetch(redis_conn, job.id)
     assert job.get_status() == "finished" and record.META_LOST not in job.get_meta()
+    assert job.return_value()["tokens"] == BEATING_RUN and job.get_meta()[record.META_ATTEMPT] == 1
     assert not redis_conn.exists(record.beat_key(job.id))
     sweeper.send_signal(signal.SIGTERM)
     assert sweeper.wait(timeout=10) == 0
 
 
-def test_sigterm_mid_job_finishes_the_job_then_exits_0(redis_url, redis_conn, request_dict, tmp_path, procs):
-    settings = worker_settings(redis_url)
-    first = enqueue(redis_conn, request_dict)
-    second = enqueue(redis_conn, request_dict)
-    worker = start_worker(settings, tmp_path / "worker.log", steps=150, step_seconds=0.01)
-    procs.append(worker)
+def test_sigterm_mid_job_finishes_the_job_then_exits_0(redis_url, redis_conn, model, long_request, tmp_path, procs):
+    settings = worker_settings(redis_url, model=model)
+    (worker,) = start_idle_workers(redis_conn, settings, tmp_path, procs, 1)
+    first = enqueue(redis_conn, long_request(SHORT_RUN))
+    second = enqueue(redis_conn, long_request(SHORT_RUN))
     wait_for(lambda: stage_of(first) == "generate", what="the first job to be generating")
+    signalled_at = datetime.now(timezone.utc)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
-    assert fetch(redis_conn, first.id).get_status() == "finished"
+    first = fetch(redis_conn, first.id)
+    assert first.get_status() == "finished" and first.ended_at > signalled_at  # it was mid-job when signalled
+    assert first.return_value()["tokens"] == SHORT_RUN  # and then generated its whole budget
     assert fetch(redis_conn, second.id).get_status() == "queued"

@@ -25,10 +25,10 @@ def result_types(job) -> list[str]:
     return [r.type.name for r in reversed(job.results())]
 
 
-def test_storage_unavailable_is_retried_then_failed(redis_url, redis_conn):
+def test_storage_unavailable_is_retried_then_failed(redis_url, redis_conn, engine):
     job = enqueue(redis_conn, {"audio_uri": "s3://audio/a.wav"})
     run_burst(worker_settings(redis_url, s3_endpoint_url=closed_endpoint(), storage_retries=2,
-                              storage_retry_backoff=[0.0]))
+                              storage_retry_backoff=[0.0]), engine)
     job = fetch(redis_conn, job.id)
     meta = job.get_meta()
     assert job.get_status() == "failed"
@@ -40,11 +40,11 @@ def test_storage_unavailable_is_retried_then_failed(redis_url, redis_conn):
     assert job.latest_result().exc_string.startswith("storage_unavailable: cannot reach storage")
 
 
-def test_retries_wait_their_backoff_and_a_burst_worker_drains_them(redis_url, redis_conn):
+def test_retries_wait_their_backoff_and_a_burst_worker_drains_them(redis_url, redis_conn, engine):
     job = enqueue(redis_conn, {"audio_uri": "s3://audio/a.wav"})
     started = time.monotonic()
     run_burst(worker_settings(redis_url, s3_endpoint_url=closed_endpoint(), storage_retries=2,
-                              storage_retry_backoff=[1.0, 2.0]))
+                              storage_retry_backoff=[1.0, 2.0]), engine)
     elapsed = time.monotonic() - started
     job = fetch(redis_conn, job.id)
     assert job.get_status() == "failed" and job.get_meta()[record.META_ATTEMPT] == 3
@@ -52,16 +52,16 @@ def test_retries_wait_their_backoff_and_a_burst_worker_drains_them(redis_url, re
     assert 2.0 <= elapsed < 10.0  # RQ's scheduled registry has one-second resolution
 
 
-def test_no_retries_configured_fails_at_once(redis_url, redis_conn):
+def test_no_retries_configured_fails_at_once(redis_url, redis_conn, engine):
     job = enqueue(redis_conn, {"audio_uri": "s3://audio/a.wav"})
-    run_burst(worker_settings(redis_url, s3_endpoint_url=closed_endpoint(), storage_retries=0))
+    run_burst(worker_settings(redis_url, s3_endpoint_url=closed_endpoint(), storage_retries=0), engine)
     job = fetch(redis_conn, job.id)
     assert job.get_status() == "failed" and result_types(job) == ["FAILED"]
     assert record.META_RETRY not in job.get_meta()
 
 
-def test_other_failures_are_not_retried(redis_url, redis_conn, tmp_path):
+def test_other_failures_are_not_retried(redis_url, redis_conn, engine, tmp_path):
     job = enqueue(redis_conn, {"audio_uri": (tmp_path / "missing.wav").as_uri()})
-    run_burst(worker_settings(redis_url, storage_retries=3))
+    run_burst(worker_settings(redis_url, storage_retries=3), engine)
     job = fetch(redis_conn, job.id)
     assert result_types(job) == ["FAILED"] and job.get_meta()[record.META_ATTEMPT] == 1

@@ -1,10 +1,17 @@
 """Helpers for the worker tests: settings, enqueueing as a producer would, running real workers.
 
-Workers run for real: ``AudioWorker`` in burst mode in this process, or ``run_worker`` in a
-subprocess when a test needs to signal or kill it. ``ScriptedEngine`` stands in for the
-Gemma engine only where a test needs control over time (a job that is still generating
-when the test cancels, times out, SIGTERMs or SIGKILLs it); inference itself is tested
-through the real engine on a tiny checkpoint in ``test_e2e_*``.
+Workers run for real, with the real Gemma 4 engine on a tiny random-weight checkpoint
+(``tiny_checkpoint``): ``AudioWorker`` in burst mode in this process, or ``run_worker`` in a
+subprocess (loading ``settings.model``) when a test needs to signal or kill it.
+
+Random weights make the text noise, but greedy decoding is deterministic, and the length
+of a generation is a property of the checkpoint and the clip. ``long_tone`` is a clip on
+which the e2b checkpoint (seed 0) never emits a stop id within 2048 tokens, so a job on it
+generates exactly its ``max_new_tokens``, ~5-7 ms a token here: that is how a test gets a
+job that is still generating when it cancels, times out, SIGTERMs or SIGKILLs it. Should a
+change in the checkpoint or the engine make it stop early, the tests that rely on it fail
+loudly: those that let the job finish assert it generated its whole budget, and those that
+stop it find no timeout, cancel or lost job on the record.
 """
 
 from __future__ import annotations
@@ -23,53 +30,27 @@ import boto3
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import make_tone
 from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from producer import record
 from producer.settings import Settings
-from worker.gemma4.engine import ClipOutput
-from worker.gemma4.features import audio_token_count
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS_ENV = "AUDIOQ_TEST_WORKER_SETTINGS"
-ENGINE_ENV = "AUDIOQ_TEST_WORKER_ENGINE"
+RUN_ENV = "AUDIOQ_TEST_WORKER_RUN"
 
-
-class ScriptedEngine:
-    """Calls ``on_stage`` exactly as ``Engine.run`` does, sleeping ``step_seconds`` per token."""
-
-    model_id = "scripted"
-    sample_rate = 16_000
-    max_clip_seconds = 30.0
-
-    def __init__(self, steps: int = 3, step_seconds: float = 0.0, text: str = "scripted transcript"):
-        self.steps = steps
-        self.step_seconds = step_seconds
-        self.text = text
-
-    def run(self, clips, on_stage=None):
-        hook = on_stage or (lambda stage: None)
-        hook("front_end")
-        hook("audio_tower")
-        outputs = []
-        for clip in clips:
-            hook("prefill")
-            for _ in range(min(self.steps, clip.max_new_tokens)):
-                hook("generate")
-                time.sleep(self.step_seconds)
-            outputs.append(ClipOutput(text=self.text, tokens=list(range(min(self.steps, clip.max_new_tokens))),
-                                      audio_tokens=audio_token_count(clip.samples.size),
-                                      timings={"front_end": 0.0, "audio_tower": 0.0, "prefill": 0.0,
-                                               "generate": self.steps * self.step_seconds}))
-        return outputs
+# Token budget of jobs that name none: small, for tests where the model's time does not matter.
+TEST_DEFAULT_MAX_NEW_TOKENS = 8
 
 
 def worker_settings(redis_url: str, **overrides) -> Settings:
-    """Settings with liveness and retry times short enough for tests."""
+    """Settings with liveness and retry times, and a default token budget, small enough for tests."""
     values = dict(redis_url=redis_url, heartbeat_interval=0.2, lost_after=1.0, storage_retries=2,
-                  storage_retry_backoff=[0.0], lost_job_retries=1)
+                  storage_retry_backoff=[0.0], lost_job_retries=1,
+                  default_max_new_tokens=TEST_DEFAULT_MAX_NEW_TOKENS)
     values.update(overrides)
     return Settings(**values)
 
@@ -88,14 +69,14 @@ def failure_code(job: Job) -> str | None:
     return (job.get_meta(refresh=True).get(record.META_FAILURE) or {}).get("code")
 
 
-def run_burst(settings: Settings, engine=None, queues: list[str] | None = None) -> None:
-    """A real AudioWorker in this process until its queues are empty (signal handlers restored)."""
+def run_burst(settings: Settings, engine, queues: list[str] | None = None) -> None:
+    """A real AudioWorker on ``engine`` in this process until its queues are empty (signal handlers restored)."""
     import redis
 
     from worker.process import AudioWorker
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    worker = AudioWorker(queues or settings.queues, settings=settings, engine=engine or ScriptedEngine(),
+    worker = AudioWorker(queues or settings.queues, settings=settings, engine=engine,
                          connection=redis.Redis.from_url(settings.redis_url))
     try:
         worker.work(burst=True)
@@ -109,16 +90,19 @@ def write_wav(path: Path, samples: np.ndarray, rate: int = 16_000, subtype: str 
     return path
 
 
-# ------------------------------------------------------------------ worker subprocess
-def start_worker(settings: Settings, log_path: Path, *, steps: int = 3, step_seconds: float = 0.0,
-                 burst: bool = False, max_jobs: int | None = None, real_engine: bool = False) -> subprocess.Popen:
-    """``run_worker`` in a child process; its output goes to ``log_path``.
+def long_tone(path: Path) -> Path:
+    """A 2 s 440 Hz tone, float WAV at 16 kHz (decoded bit-exact): the e2b checkpoint (seed 0)
+    generates 2048 tokens on it without a stop id. Use with ``max_new_tokens`` up to 2048."""
+    return write_wav(path, make_tone(2.0), subtype="FLOAT")
 
-    The child loads ``settings.model`` when ``real_engine``, else runs a ScriptedEngine.
-    """
+
+# ------------------------------------------------------------------ worker subprocess
+def start_worker(settings: Settings, log_path: Path, *, burst: bool = False,
+                 max_jobs: int | None = None) -> subprocess.Popen:
+    """``run_worker`` in a child process, which loads ``settings.model``; its output goes to ``log_path``."""
+    assert settings.model, "a worker subprocess loads settings.model: pass model=str(tiny_checkpoint())"
     env = dict(os.environ, **{SETTINGS_ENV: settings.model_dump_json(),
-                              ENGINE_ENV: json.dumps({"steps": steps, "step_seconds": step_seconds, "burst": burst,
-                                                      "max_jobs": max_jobs, "real_engine": real_engine})})
+                              RUN_ENV: json.dumps({"burst": burst, "max_jobs": max_jobs})})
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])
     with open(log_path, "ab") as log:
         return subprocess.Popen([sys.executable, "-m", "worker_fixtures"], env=env, stdout=log,
@@ -139,9 +123,8 @@ def _main() -> int:
     from worker.process import run_worker
 
     settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
-    spec = json.loads(os.environ[ENGINE_ENV])
-    engine = None if spec["real_engine"] else ScriptedEngine(steps=spec["steps"], step_seconds=spec["step_seconds"])
-    return run_worker(settings, burst=spec["burst"], max_jobs=spec["max_jobs"], engine=engine)
+    spec = json.loads(os.environ[RUN_ENV])
+    return run_worker(settings, burst=spec["burst"], max_jobs=spec["max_jobs"])
 
 
 if __name__ == "__main__":

@@ -196,25 +196,23 @@ class AudioWorker(SimpleWorker):
 
 
 def run_worker(settings: Settings, *, queues: list[str] | None = None, burst: bool = False,
-               max_jobs: int | None = None, name: str | None = None, engine: Engine | None = None) -> int:
-    """Load the engine once, then work ``queues`` (highest priority first) until stopped.
+               max_jobs: int | None = None, name: str | None = None) -> int:
+    """Load ``settings.model`` once, then work ``queues`` (highest priority first) until stopped.
 
-    ``engine`` is for callers that already hold one (tests); otherwise ``settings.model``
-    is loaded. Returns the process exit status: 0 after a burst, ``max_jobs`` or a warm
-    shutdown.
+    Returns the process exit status: 0 after a burst, ``max_jobs`` or a warm shutdown; 2 when
+    no model is configured or it cannot be loaded.
     """
     setup_loghandlers("INFO", name="audioq")
-    if engine is None:
-        if not settings.model:
-            log.error("no model configured: set model in the worker config or AUDIOQ_MODEL")
-            return 2
-        started = time.perf_counter()
-        try:
-            engine = Engine.load(settings.model)
-        except AudioqError as exc:
-            log.error("cannot load model %s: %s", settings.model, exc.message)
-            return 2
-        log.info("engine %s loaded in %.1f s", engine.model_id, time.perf_counter() - started)
+    if not settings.model:
+        log.error("no model configured: set model in the worker config or AUDIOQ_MODEL")
+        return 2
+    started = time.perf_counter()
+    try:
+        engine = Engine.load(settings.model)
+    except AudioqError as exc:
+        log.error("cannot load model %s: %s", settings.model, exc.message)
+        return 2
+    log.info("engine %s loaded in %.1f s", engine.model_id, time.perf_counter() - started)
     connection = redis.Redis.from_url(settings.redis_url)
     # A name that says which Mac ran (or lost) a job; RQ's default is a random hex id.
     worker = AudioWorker(queues or settings.queues, settings=settings, engine=engine, connection=connection,
