@@ -606,7 +606,7 @@ def to_mlx_arrays(state: dict, text_config) -> dict[str, np.ndarray]:
             arr = arr.transpose(0, 2, 3, 1)  # [Cout, Cin, kh, kw] -> [Cout, kh, kw, Cin]
         elif key.endswith("depthwise_conv1d.weight"):
             arr = arr.transpose(0, 2, 1)  # [C, 1, K] -> [C, K, 1]
-        out[key] = np.ascontiguousarray(arr)
+        out[key] = np.ascontiguousarray(arr).reshape(arr.shape)  # keep 0-d clip bounds 0-d
     return out
 
 

@@ -249,6 +249,7 @@ def test_mlx_layout_renames_keys_drops_shared_kv_and_makes_convs_channels_last(h
         assert f"language_model.model.layers.{i}.self_attn.k_norm.weight" not in w
     assert "language_model.model.layers.4.self_attn.v_proj.weight" in w
     assert "audio_tower.layers.0.self_attn.q_proj.input_max" in w
+    assert w["audio_tower.layers.0.self_attn.q_proj.input_max"].shape == ()  # scalars, as mlx-vlm loads them
 
     conv0 = hf["model.audio_tower.subsample_conv_projection.layer0.conv.weight"].numpy()
     conv1 = hf["model.audio_tower.subsample_conv_projection.layer1.conv.weight"].numpy()
