@@ -134,3 +134,14 @@ def test_thought_channel_is_stripped_from_the_reply(engine):
         "thought\nlet me think", add_special_tokens=False).ids + [prompts.channel_close]
     assert prompts.reply_text(thought + text_ids) == prompts.reply_text(text_ids) == "hello there"
     assert prompts.reply_text([prompts.channel_open] + text_ids) != ""  # unclosed: kept, not lost
+
+
+def test_text_only_conversion_of_an_audio_model_is_explained(tiny_checkpoint, tmp_path):
+    """mlx-lm converts Gemma 4 text-only but keeps config.json's audio_config."""
+    ckpt = shutil.copytree(tiny_checkpoint("e2b"), tmp_path / "ckpt")
+    weights = mx.load(str(ckpt / "model.safetensors"))
+    text_only = {k: v for k, v in weights.items() if not k.startswith(("model.audio_tower.", "model.embed_audio."))}
+    mx.save_safetensors(str(ckpt / "model.safetensors"), text_only)
+    with pytest.raises(AudioqError) as err:
+        Engine.load(str(ckpt))
+    assert "no audio_tower weights" in err.value.message and "text-only" in err.value.message

@@ -163,7 +163,9 @@ def load_model(model: str, *, with_audio: bool = True) -> LoadedModel:
     if with_audio and config.has_audio:
         if not audio_weights:
             raise AudioqError(FailureCode.MODEL_ERROR,
-                              f"checkpoint {path} has an audio_config but no audio_tower weights")
+                              f"checkpoint {path} has an audio_config but no audio_tower weights: a "
+                              "text-only conversion (e.g. by mlx-lm)? Use google's checkpoint or an "
+                              "mlx-vlm conversion")
         audio_weights = sanitize_audio(audio_weights)
         audio_config = AudioConfig.from_dict(config.audio)
         tower = AudioTower(audio_config)
