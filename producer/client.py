@@ -106,9 +106,6 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 class Client:
     """A connection to audioq's queues. Cheap to create; holds no state besides the connection."""
 
-    # The dotted function workers run for every job. Tests point it at a stand-in.
-    task_func: str = record.TASK_FUNC
-
     def __init__(self, settings: Settings | None = None, connection: redis.Redis | None = None):
         self.settings = settings or load_settings()
         self.connection = connection or redis.Redis.from_url(
@@ -168,7 +165,7 @@ class Client:
         job_id = check_job_id(job_id) if job_id is not None else request.derived_job_id()
         q = self.queue(self.queue_name(queue, priority))
         try:
-            q.enqueue_call(self.task_func, job_id=job_id, unique=True, **self._job_options(request))
+            q.enqueue_call(record.TASK_FUNC, job_id=job_id, unique=True, **self._job_options(request))
         except DuplicateJobError:
             return EnqueueOutcome(job_id=job_id, created=False, queue=self._origins([job_id])[0] or q.name)
         return EnqueueOutcome(job_id=job_id, created=True, queue=q.name)
@@ -225,7 +222,7 @@ class Client:
                 pipe.sadd(Queue.redis_queues_keys, self.queue(name).key)
             for job_id, name, request in batch:
                 q = self.queue(name)
-                job = q.create_job(self.task_func, job_id=job_id, status=RQStatus.QUEUED,
+                job = q.create_job(record.TASK_FUNC, job_id=job_id, status=RQStatus.QUEUED,
                                    **self._job_options(request))
                 job.enqueued_at = now()
                 self._create_if_absent(keys=[job.key, q.key], args=[job.id, *_hash_args(job)], client=pipe)

@@ -1,4 +1,8 @@
-"""The ``audioq`` command end to end: ``producer.cli.main([...])`` against real Redis and S3."""
+"""The ``audioq`` command end to end: ``producer.cli.main([...])`` against real Redis and S3.
+
+Jobs that run, run in the real audioq worker (``run_burst``) with the real engine on the
+tiny random-weight checkpoint, on WAVs written here; failures come from real bad inputs.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from rq import SimpleWorker
+from conftest import make_tone
+from worker_fixtures import run_burst, worker_settings, write_wav
 
 from producer import Client
 from producer.cli import main
-from producer.settings import load_settings
-
-
-def transcript(request: dict) -> dict:
-    return {"text": "hello world", "segments": [], "model": "gemma-4-e2b", "audio_seconds": 1.0,
-            "timings": {}, "worker": "test", "tokens": 2, "audio_tokens": 25}
-
-
-def explode(request: dict) -> None:
-    raise RuntimeError("decoder exploded")
 
 
 @pytest.fixture
@@ -40,14 +35,15 @@ def cli(redis_url, capsys, monkeypatch):
 
 @pytest.fixture
 def client(redis_url, redis_conn):
-    return Client(load_settings(redis_url=redis_url, environ={}), connection=redis_conn)
+    return Client(worker_settings(redis_url), connection=redis_conn)
 
 
-def run_job(client: Client, func: str, uri: str) -> str:
-    client.task_func = f"{__name__}.{func}"
-    job_id = client.enqueue({"audio_uri": uri}).job_id
-    SimpleWorker([client.queue("default")], connection=client.connection, serializer="json").work(burst=True)
-    return job_id
+def run_jobs(client: Client, engine, capsys, *paths: Path) -> list[str]:
+    """Enqueue the files, then run them in a real audioq worker (burst); its log output is dropped."""
+    ids = [client.enqueue({"audio_uri": path.as_uri()}).job_id for path in paths]
+    run_burst(client.settings, engine)
+    capsys.readouterr()
+    return ids
 
 
 def test_enqueue_prints_the_job_id_and_is_idempotent(cli, client):
@@ -142,16 +138,18 @@ def test_list_and_info(cli, client):
     assert code == 0 and out.splitlines()[2].split()[:2] == ["default", "1"] and "0 worker(s)" in out
 
 
-def test_results_wait_and_exit_codes(cli, client):
-    done = run_job(client, "transcript", "s3://audio/a.wav")
-    failed = run_job(client, "explode", "s3://audio/b.wav")
-    assert cli("results", done) == (0, "hello world\n", "")
+def test_results_wait_and_exit_codes(cli, client, engine, capsys, tmp_path):
+    done, failed = run_jobs(client, engine, capsys, write_wav(tmp_path / "a.wav", make_tone(1.0)),
+                            tmp_path / "missing.wav")
+    text = client.status(done).result.text
+    assert cli("results", done) == (0, text + "\n", "")
     code, out, _ = cli("results", done, failed, "--format", "json")
     docs = json.loads(out)
-    assert code == 1 and docs[0]["result"]["text"] == "hello world"
-    assert docs[1]["failure"]["code"] == "model_error"
+    assert code == 1 and docs[0]["result"]["text"] == text and docs[0]["result"]["audio_seconds"] == 1.0
+    assert docs[1]["failure"]["code"] == "audio_not_found"
     code, _, err = cli("results", failed)
-    assert code == 1 and "model_error: RuntimeError: decoder exploded" in err
+    message = client.status(failed).failure.message
+    assert code == 1 and f"{failed}: failed: audio_not_found: {message}" in err and "no such file" in message
     assert cli("wait", done, "--timeout", "5")[0] == 0
     code, out, _ = cli("wait", done, failed, "--json", "--poll", "0.05")
     assert code == 1 and [d["state"] for d in json.loads(out)] == ["finished", "failed"]
@@ -173,11 +171,18 @@ def test_cancel_then_requeue(cli, client):
     assert cli("cancel", "aq-missing")[0] == 1
 
 
-def test_requeue_all_failed(cli, client):
-    failed = run_job(client, "explode", "s3://audio/a.wav")
+def test_requeue_all_failed(cli, client, engine, capsys, tmp_path):
+    late = tmp_path / "late.wav"
+    [failed] = run_jobs(client, engine, capsys, late)
+    assert client.status(failed).failure.code == "audio_not_found"
     code, out, _ = cli("requeue", "--all-failed")
     assert code == 0 and out.split()[:2] == [failed, "requeued"]
     assert cli("requeue")[0] == 3
+    write_wav(late, make_tone(1.0))  # the missing file arrives: the requeued job now runs through
+    run_burst(client.settings, engine)
+    capsys.readouterr()
+    code, out, _ = cli("wait", failed, "--json", "--timeout", "5")
+    assert code == 0 and json.loads(out)[0]["state"] == "finished"
 
 
 def test_usage_errors_return_2(capsys):

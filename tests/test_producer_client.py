@@ -1,4 +1,8 @@
-"""Producer enqueue paths: one job, many jobs, manifests, S3 prefixes. Real Redis, real S3 (moto)."""
+"""Producer enqueue paths: one job, many jobs, manifests, S3 prefixes. Real Redis, real S3 (moto).
+
+Jobs that run, run in the real audioq worker (``run_burst``) with the real engine on the
+tiny random-weight checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,14 @@ import json
 import time
 
 import pytest
-from rq import SimpleWorker
+from conftest import make_tone
 from rq.job import Job
+from worker_fixtures import run_burst, worker_settings, write_wav
 
 from producer import Client, record
 from producer.manifest import EnqueueItem, ManifestError
 from producer.schema import JobRequest
 from producer.settings import load_settings
-
-
-def echo_request(request: dict) -> dict:
-    """Stands in for the worker's task: proves a job's stored call decodes and runs."""
-    return {"echo": request["audio_uri"]}
 
 
 @pytest.fixture
@@ -124,14 +124,27 @@ def test_enqueue_many_with_one_bad_item_enqueues_nothing(client, redis_conn):
     assert redis_conn.dbsize() == 0
 
 
-def test_bulk_enqueued_job_runs_like_a_single_one(client, redis_conn):
-    client.task_func = f"{__name__}.echo_request"
-    [outcome] = client.enqueue_many([{"audio_uri": "s3://audio/run.wav"}])
-    SimpleWorker([client.queue("default")], connection=redis_conn, serializer="json").work(burst=True)
-    job = Job.fetch(outcome.job_id, connection=redis_conn, serializer="json")
-    assert job.get_status() == "finished"
-    assert job.return_value() == {"echo": "s3://audio/run.wav"}
+def test_bulk_enqueued_job_runs_like_a_single_one(redis_url, redis_conn, engine, tmp_path):
+    settings = worker_settings(redis_url)
+    client = Client(settings, connection=redis_conn)
+    clip = make_tone(1.0)
+    single = client.enqueue({"audio_uri": write_wav(tmp_path / "single.wav", clip).as_uri()})
+    [bulk] = client.enqueue_many([{"audio_uri": write_wav(tmp_path / "bulk.wav", clip).as_uri()}])
     assert redis_conn.sismember("rq:queues", "rq:queue:default")
+    a, b = (Job.fetch(o.job_id, connection=redis_conn, serializer="json") for o in (single, bulk))
+    def shape(job: Job) -> tuple:
+        return (job.func_name, job.timeout, job.result_ttl, job.failure_ttl, job.origin,
+                job.get_status(refresh=False), sorted(job.meta), job.args[0].keys())
+
+    assert shape(a) == shape(b) and a.func_name == record.TASK_FUNC
+    run_burst(settings, engine)
+    results = [client.status(o.job_id) for o in (single, bulk)]
+    assert [s.state for s in results] == ["finished", "finished"], [s.failure for s in results]
+    one, many = (s.result for s in results)
+    # The same audio through the same worker: the same (deterministic) generation.
+    assert (many.text, many.tokens, many.audio_seconds, many.audio_tokens) == \
+        (one.text, one.tokens, one.audio_seconds, one.audio_tokens)
+    assert many.tokens >= 1 and many.audio_seconds == 1.0
 
 
 # ----------------------------------------------------------------------- manifests

@@ -1,65 +1,138 @@
 """A job's life as the producer sees it: status, list, info, results, wait, cancel, requeue.
 
-Jobs run for real in an RQ ``SimpleWorker`` (JSON serializer, burst mode) on stand-in
-task functions defined here. A "running" job is made with RQ's own API, the same calls a
-worker makes when it starts a job.
+Every job that runs, runs in the real audioq worker with the real Gemma 4 engine (tiny
+random-weight e2b checkpoint) on real audio written here: ``AudioWorker`` in burst mode in
+this process (``run_burst``), or ``run_worker`` in a subprocess when a test is about a job
+that is running. Everything is read back through the producer's ``Client``. Failures come
+from real bad inputs (a missing file, a text file, storage that is down), from a real
+cancel honoured by the worker, or from a worker process that was SIGKILLed mid-job.
+
+Running jobs run on ``long_tone`` with a 2048-token budget (~13 s of generation, see
+worker_fixtures), so they are still generating whenever a test looks at, cancels or
+orphans them; no test waits for one to finish.
 """
 
 from __future__ import annotations
 
+import signal
+import socket
+import sys
 import threading
 import time
+import traceback
+from pathlib import Path
 
 import pytest
-from rq import SimpleWorker
-from rq.executions import Execution
+from conftest import make_tone
 from rq.job import Job
 from rq.registry import StartedJobRegistry
+from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
+from rq.worker import Worker
+from worker_fixtures import (TEST_DEFAULT_MAX_NEW_TOKENS, closed_endpoint, long_tone, run_burst, start_worker,
+                             wait_for, worker_settings, write_wav)
 
 from producer import Client, record
 from producer.client import WaitTimeout
 from producer.failures import FailureCode
-from producer.settings import load_settings
-from producer.status import failure_from_exc_string
+from producer.status import JobStatus, failure_from_exc_string
+from worker import reaper
+from worker.gemma4.features import audio_token_count
 
-
-def transcript(request: dict) -> dict:
-    """Returns what the real worker returns: a JobResult-shaped dict."""
-    return {"text": f"hello from {request['audio_uri']}", "segments": [{"start": 0.0, "end": 1.0, "text": "hello"}],
-            "model": "gemma-4-e2b", "audio_seconds": 1.0, "timings": {"fetch": 0.01}, "worker": "test",
-            "tokens": 3, "audio_tokens": 25, "metadata": request.get("metadata", {})}
-
-
-def explode(request: dict) -> None:
-    raise RuntimeError(f"decoder exploded on {request['audio_uri']}")
-
-
-def sleep_long(request: dict) -> None:
-    time.sleep(5)
+LONG_RUN = 2048  # tokens on long_tone: ~13 s, longer than any test looks at a running job
 
 
 @pytest.fixture
-def client(redis_url, redis_conn):
-    return Client(load_settings(redis_url=redis_url, environ={}), connection=redis_conn)
+def settings(redis_url):
+    """One set of settings for the producer and the workers, with test-sized liveness times."""
+    return worker_settings(redis_url)
 
 
-def run_jobs(client: Client, func: str, *uris: str, queue: str = "default") -> list[str]:
-    """Enqueue through the client with a stand-in task, then drain the queue with a real worker."""
-    client.task_func = f"{__name__}.{func}"
-    ids = [client.enqueue({"audio_uri": uri}).job_id for uri in uris]
-    SimpleWorker([client.queue(queue)], connection=client.connection, serializer="json").work(burst=True)
+@pytest.fixture
+def client(settings, redis_conn):
+    return Client(settings, connection=redis_conn)
+
+
+@pytest.fixture
+def wav(tmp_path) -> Path:
+    return write_wav(tmp_path / "speech.wav", make_tone(1.0))
+
+
+@pytest.fixture
+def long_wav(tmp_path) -> Path:
+    return long_tone(tmp_path / "long.wav")
+
+
+def request_for(audio: Path | str | dict) -> dict:
+    if isinstance(audio, dict):
+        return audio
+    return {"audio_uri": audio.as_uri() if isinstance(audio, Path) else audio}
+
+
+def run_jobs(client: Client, engine, *audio: Path | str | dict) -> list[str]:
+    """Enqueue through the client, then drain the queues with a real audioq worker in burst mode."""
+    ids = [client.enqueue(request_for(a)).job_id for a in audio]
+    run_burst(client.settings, engine)
     return ids
 
 
-def start_job(client: Client, job_id: str, ttl: int = 60) -> Job:
-    """Move a queued job to ``started`` exactly as RQ's worker does when it picks it up."""
-    job = Job.fetch(job_id, connection=client.connection, serializer="json")
-    client.queue(job.origin).remove(job_id)
-    with client.connection.pipeline() as pipe:
-        job.prepare_for_execution("test-worker", pipeline=pipe)
-        Execution.create(job, ttl=ttl, pipeline=pipe, worker_name="test-worker")
-        pipe.execute()
-    return job
+def text_file(path: Path) -> Path:
+    path.write_text("not audio at all\n" * 10)
+    return path
+
+
+def stored_job(client: Client, job_id: str) -> Job:
+    return Job.fetch(job_id, connection=client.connection, serializer=record.SERIALIZER)
+
+
+# ------------------------------------------------------------------ worker subprocesses
+@pytest.fixture
+def workers(redis_conn, settings, tiny_checkpoint, tmp_path):
+    """Start ``run_worker`` subprocesses on the tiny checkpoint; killed (before Redis is flushed) at the end.
+
+    ``start()`` returns (process, worker name) once the worker is registered and waiting for jobs.
+    """
+    model_settings = settings.model_copy(update={"model": str(tiny_checkpoint())})
+    started = []
+
+    def state_of(name: str) -> str | None:
+        return {w.name: w.get_state() for w in Worker.all(connection=redis_conn)}.get(name)
+
+    def start():
+        log = tmp_path / f"worker{len(started)}.log"
+        proc = start_worker(model_settings, log)
+        started.append(proc)
+        name = f"{socket.gethostname()}-{proc.pid}"  # run_worker's default name
+        wait_for(lambda: proc.poll() is not None or state_of(name) == "idle", timeout=60,
+                 what="the worker to be up and idle")
+        assert proc.poll() is None, log.read_text()[-2000:]
+        return proc, name
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def generating(client: Client, job_id: str) -> JobStatus | None:
+    status = client.status(job_id)
+    return status if status.progress is not None and status.progress.stage == "generate" else None
+
+
+def start_generating(client: Client, long_wav: Path) -> JobStatus:
+    """Enqueue a long job and wait until a worker is generating it; returns that status."""
+    job_id = client.enqueue({"audio_uri": long_wav.as_uri(), "max_new_tokens": LONG_RUN}).job_id
+    return wait_for(lambda: generating(client, job_id), timeout=30, what="the job to be generating")
+
+
+def orphan_a_running_job(client: Client, workers, long_wav: Path) -> tuple[str, str]:
+    """A job whose worker was SIGKILLed while generating it: (job id, the dead worker's name)."""
+    proc, name = workers()
+    job_id = start_generating(client, long_wav).id
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert client.status(job_id).state == "started"  # RQ alone still says so
+    return job_id, name
 
 
 # ----------------------------------------------------------------- queued jobs
@@ -102,102 +175,177 @@ def test_info_counts_queues_and_oldest_job(client):
     assert info.workers == []
 
 
-def test_info_lists_a_live_worker(client):
-    worker = SimpleWorker([client.queue("high"), client.queue("default")], connection=client.connection,
-                          serializer="json", name="mac-mini")
-    worker.register_birth()
-    try:
-        [w] = client.info().workers
-        assert w.name == "mac-mini" and w.queues == ["high", "default"] and w.last_heartbeat is not None
-    finally:
-        worker.register_death()
+# ---------------------------------------------------------------- running jobs
+def test_info_and_status_show_a_live_worker_and_its_running_job(client, workers, long_wav):
+    proc, name = workers()
+    [w] = client.info().workers
+    assert (w.name, w.state, w.current_job, w.queues) == (name, "idle", None, ["high", "default", "low"])
+    assert w.last_heartbeat is not None
+
+    status = start_generating(client, long_wav)
+    assert (status.state, status.queue, status.attempt, status.position) == ("started", "default", 1, None)
+    assert (status.progress.chunk, status.progress.chunks) == (None, None)  # one clip: no chunk progress
+    assert status.started_at is not None and status.ended_at is None and status.failure is None
+    assert status.request.max_new_tokens == LONG_RUN
+    assert [s.id for s in client.list("started")] == [status.id]
+    info = client.info()
+    [w] = info.workers
+    assert (w.name, w.state, w.current_job) == (name, "busy", status.id)
+    default = {q.name: q for q in info.queues}["default"]
+    assert (default.queued, default.started, default.finished) == (0, 1, 0)
+    assert proc.poll() is None and client.status(status.id).state == "started"  # still generating
+
+
+def test_cancel_of_a_running_job_is_carried_out_by_the_worker(client, redis_conn, workers, long_wav):
+    proc, name = workers()
+    job_id = start_generating(client, long_wav).id
+    asked = time.monotonic()
+    outcome = client.cancel(job_id)
+    assert (outcome.action, outcome.state) == ("cancel_requested", "started")
+    assert 0 < redis_conn.ttl(record.cancel_key(job_id)) <= client.cancel_key_ttl
+
+    [status] = client.wait([job_id], timeout=15, poll=0.05)
+    assert time.monotonic() - asked < 5  # the worker stopped it mid-generation, not after 2048 tokens
+    assert status.state == "canceled"  # RQ filed it as failed; the failure code makes it canceled
+    failure = status.failure
+    assert failure.code == FailureCode.CANCELED and "at stage generate" in failure.message
+    assert (failure.worker, failure.attempt, failure.retryable) == (name, 1, False)
+    assert stored_job(client, job_id).get_status() == "failed"
+    assert [s.id for s in client.list("failed")] == [job_id] and client.list("canceled") == []
+    assert client.cancel(job_id).action == "unchanged"
+    # The worker lives on, idle, with the job counted as failed.
+    [w] = wait_for(lambda: [w for w in client.info().workers if w.state == "idle"], what="the worker to be idle")
+    assert (w.name, w.current_job, w.failed_jobs) == (name, None, 1) and proc.poll() is None
+
+
+def test_job_put_back_by_the_worker_says_why(client, settings, workers, long_wav):
+    """The reaper (every worker's maintenance round, called here as one) requeues the job of a dead worker."""
+    job_id, dead = orphan_a_running_job(client, workers, long_wav)
+    wait_for(lambda: not client.connection.exists(record.beat_key(job_id)), timeout=10,
+             what="the dead worker's beat to expire")
+    assert reaper.sweep(client.connection, settings.queues, settings, "sweeper") == {job_id: "requeued"}
+    status = client.status(job_id)
+    assert (status.state, status.position, status.failure, status.progress, status.attempt) == \
+        ("queued", 0, None, None, 1)
+    assert status.retry.code == FailureCode.WORKER_LOST and status.retry.retryable
+    assert status.retry.worker == dead and "at stage generate" in status.retry.message
 
 
 # ------------------------------------------------------------ finished / failed
-def test_finished_job_reads_back_its_result(client):
-    [job_id] = run_jobs(client, "transcript", "s3://audio/a.wav")
+def test_finished_job_reads_back_its_result(client, engine, wav):
+    [job_id] = run_jobs(client, engine, {"audio_uri": wav.as_uri(), "metadata": {"batch": 7}})
     status = client.status(job_id)
-    assert status.state == "finished" and status.failure is None
-    assert status.result.text == "hello from s3://audio/a.wav" and status.result.audio_tokens == 25
-    assert status.started_at is not None and status.ended_at is not None
-    assert client.results([job_id]) == {job_id: status.result}
+    assert status.state == "finished" and status.failure is None, status.failure
+    job = stored_job(client, job_id)
+    assert status.result.model_dump(mode="json") == job.return_value()  # what the worker wrote, whole
+    result = status.result
+    assert 1 <= result.tokens <= TEST_DEFAULT_MAX_NEW_TOKENS and result.model == engine.model_id
+    assert result.audio_seconds == 1.0 and result.audio_tokens == audio_token_count(16_000)
+    assert result.metadata == {"batch": 7} and result.worker == job.worker_name
+    assert status.attempt == 1 and status.progress is None
+    assert status.started_at is not None and status.ended_at >= status.started_at
+    assert client.results([job_id]) == {job_id: result}
     assert [s.id for s in client.list("finished")] == [job_id]
 
 
-def test_raw_exception_is_synthesised_as_model_error(client):
-    [job_id] = run_jobs(client, "explode", "s3://audio/a.wav")
+def test_failures_from_bad_inputs_read_back_with_their_code(client, engine, tmp_path):
+    missing, notes = tmp_path / "missing.wav", text_file(tmp_path / "notes.wav")
+    ids = run_jobs(client, engine, missing, notes)
+    statuses = client.status_many(ids)
+    assert [s.state for s in statuses] == ["failed", "failed"]
+    assert [s.failure.code for s in statuses] == [FailureCode.AUDIO_NOT_FOUND, FailureCode.UNSUPPORTED_FORMAT]
+    assert "no such file" in statuses[0].failure.message
+    assert "not a recognised audio file" in statuses[1].failure.message
+    for status in statuses:
+        job = stored_job(client, status.id)
+        assert status.failure.model_dump(mode="json") == job.meta[record.META_FAILURE]
+        assert (status.failure.attempt, status.failure.retryable, status.failure.worker) == (1, False, job.worker_name)
+        # The worker's own failure wins: RQ's exc_string alone would only say model_error.
+        assert failure_from_exc_string(job.latest_result().exc_string).code == FailureCode.MODEL_ERROR
+    assert client.results(ids) == {s.id: s.failure for s in statuses}
+    assert sorted(s.id for s in client.list("failed")) == sorted(ids)
+
+
+def test_abandoned_job_is_synthesised_as_worker_lost(client, workers, long_wav):
+    """A dead worker's job that no audioq reaper saw, failed by RQ's own registry cleanup.
+
+    RQ writes the failure (``AbandonedJobError``) without audioq's meta failure, so the
+    producer synthesises one from RQ's text.
+    """
+    job_id, dead = orphan_a_running_job(client, workers, long_wav)
+    registry = StartedJobRegistry("default", connection=client.connection, serializer=record.SERIALIZER)
+    [(entry, expires)] = client.connection.zrange(registry.key, 0, -1, withscores=True)
+    assert entry.decode().startswith(f"{job_id}:") and expires > time.time()
+    registry.cleanup()  # not expired yet: nothing happens
+    assert client.status(job_id).state == "started"
+    registry.cleanup(timestamp=expires + 1)  # RQ's maintenance, run the moment the entry has expired
     status = client.status(job_id)
-    assert status.state == "failed"
-    assert status.failure.code == FailureCode.MODEL_ERROR
-    assert status.failure.message == "RuntimeError: decoder exploded on s3://audio/a.wav"
-    assert not status.failure.retryable and status.failure.worker
-    assert [s.id for s in client.list("failed")] == [job_id]
-
-
-def test_worker_written_failure_wins_over_the_exception(client):
-    [job_id] = run_jobs(client, "explode", "s3://audio/a.wav")
-    job = Job.fetch(job_id, connection=client.connection, serializer="json")
-    job.meta[record.META_FAILURE] = {"code": "audio_not_found", "message": "no object s3://audio/a.wav",
-                                     "retryable": False, "attempt": 1}
-    job.save_meta()
-    failure = client.status(job_id).failure
-    assert (failure.code, failure.message) == (FailureCode.AUDIO_NOT_FOUND, "no object s3://audio/a.wav")
-
-
-def test_rq_timeout_is_synthesised_as_timeout(client):
-    job = client.queue("default").enqueue_call(f"{__name__}.sleep_long", args=({"audio_uri": "s3://a/b.wav"},),
-                                               timeout=1, job_id="slow-job")
-    SimpleWorker([client.queue("default")], connection=client.connection, serializer="json").work(burst=True)
-    failure = client.status(job.id).failure
-    assert failure.code == FailureCode.TIMEOUT and "maximum timeout" in failure.message
-
-
-def test_abandoned_job_is_synthesised_as_worker_lost(client):
-    job_id = client.enqueue({"audio_uri": "s3://audio/a.wav"}).job_id
-    start_job(client, job_id, ttl=1)
-    registry = StartedJobRegistry("default", connection=client.connection, serializer="json")
-    registry.cleanup(timestamp=time.time() + 60)  # what another worker's maintenance does later
-    failure = client.status(job_id).failure
+    assert status.state == "failed" and stored_job(client, job_id).meta.get(record.META_FAILURE) is None
+    failure = status.failure
     assert failure.code == FailureCode.WORKER_LOST and failure.retryable
-    assert "AbandonedJobError" in failure.message
+    assert failure.message.startswith("Moved to FailedJobRegistry, due to AbandonedJobError, at ")
+    assert (failure.worker, failure.attempt) == (dead, 1)
+    assert [s.id for s in client.list("failed")] == [job_id] and client.list("started") == []
 
 
-def test_failure_synthesis_from_exception_strings():
-    assert failure_from_exc_string("Traceback ...\nValueError: bad\n").message == "ValueError: bad"
+def rq_exc_string(fail) -> str:
+    """The exc_string RQ's worker stores for an exception raised out of a job: the formatted
+    traceback, ``''.join(traceback.format_exception(*sys.exc_info()))`` (rq.worker.base)."""
+    try:
+        fail()
+    except (RuntimeError, JobTimeoutException):
+        return "".join(traceback.format_exception(*sys.exc_info()))
+    raise AssertionError(f"{fail} did not raise")
+
+
+def test_failure_synthesis_from_rq_exception_strings():
+    """Failures RQ wrote that cannot arise for real with the audioq worker any more.
+
+    ``process_audio_job`` and ``AudioWorker.handle_exception`` put a meta failure on the
+    record for every exception, RQ's hard timeout (``JobTimeoutException``) included, and
+    the worker raises every job's timeout well before RQ's hard limit. So a raw exception
+    or a timeout without a meta failure is only tested here, on RQ's exact strings: the
+    traceback RQ formats, and the timeout raised by RQ's own death penalty. (The abandoned
+    job is produced for real above.)
+    """
+    def explode():
+        raise RuntimeError("decoder exploded on s3://audio/a.wav")
+
+    raw = rq_exc_string(explode)
+    assert raw.startswith("Traceback (most recent call last):\n")
+    failure = failure_from_exc_string(raw, attempt=2, worker="mac-1")
+    assert (failure.code, failure.message) == (FailureCode.MODEL_ERROR,
+                                               "RuntimeError: decoder exploded on s3://audio/a.wav")
+    assert (failure.attempt, failure.worker, failure.retryable) == (2, "mac-1", False)
+
+    hard_limit = rq_exc_string(
+        lambda: UnixSignalDeathPenalty(1, JobTimeoutException).handle_death_penalty(signal.SIGALRM, None))
+    failure = failure_from_exc_string(hard_limit)
+    assert failure.code == FailureCode.TIMEOUT and not failure.retryable
+    assert failure.message == "rq.timeouts.JobTimeoutException: Task exceeded maximum timeout value (1 seconds)"
+
     assert failure_from_exc_string(None).code == FailureCode.MODEL_ERROR
-
-
-def test_started_job_shows_progress_and_attempt(client):
-    job_id = client.enqueue({"audio_uri": "s3://audio/a.wav"}).job_id
-    job = start_job(client, job_id)
-    job.meta[record.META_PROGRESS] = {"stage": "generate", "chunk": 2, "chunks": 5}
-    job.meta[record.META_ATTEMPT] = 1
-    job.save_meta()
-    status = client.status(job_id)
-    assert status.state == "started" and status.attempt == 1
-    assert (status.progress.stage, status.progress.chunk, status.progress.chunks) == ("generate", 2, 5)
-    assert [s.id for s in client.list("started")] == [job_id]
-
-
-def test_job_put_back_by_the_worker_says_why(client):
-    job_id = client.enqueue({"audio_uri": "s3://audio/a.wav"}).job_id
-    job = Job.fetch(job_id, connection=client.connection, serializer="json")
-    job.meta[record.META_RETRY] = {"code": "worker_lost", "message": "worker mac-1 stopped beating",
-                                   "retryable": True, "attempt": 1}
-    job.save_meta()
-    status = client.status(job_id)
-    assert status.state == "queued" and status.failure is None
-    assert status.retry.code == FailureCode.WORKER_LOST
+    assert failure_from_exc_string("").message == "the job failed without an error message"
 
 
 # -------------------------------------------------------------------------- wait
-def test_wait_returns_terminal_statuses(client):
-    [done] = run_jobs(client, "transcript", "s3://audio/a.wav")
-    [failed] = run_jobs(client, "explode", "s3://audio/c.wav")
-    seen = []
-    statuses = client.wait([done, failed, "aq-missing"], timeout=5, poll=0.05, on_update=seen.append)
-    assert [s.state for s in statuses] == ["finished", "failed", "not_found"]
-    assert {s.id for s in seen} == {done, failed, "aq-missing"}
+def test_wait_follows_jobs_to_their_end(client, engine, wav, tmp_path):
+    done = client.enqueue({"audio_uri": wav.as_uri()}).job_id
+    failed = client.enqueue({"audio_uri": (tmp_path / "missing.wav").as_uri()}).job_id
+    seen: list[JobStatus] = []
+    returned: dict[str, list[JobStatus]] = {}
+    waiter = threading.Thread(target=lambda: returned.update(
+        statuses=client.wait([done, failed, "aq-missing"], timeout=30, poll=0.02, on_update=seen.append)))
+    waiter.start()
+    wait_for(lambda: {s.id for s in seen} == {done, failed, "aq-missing"}, what="wait's first look")
+    run_burst(client.settings, engine)
+    waiter.join(30)
+    assert not waiter.is_alive()
+    assert [s.state for s in returned["statuses"]] == ["finished", "failed", "not_found"]
+    assert returned["statuses"][1].failure.code == FailureCode.AUDIO_NOT_FOUND
+    for job_id, end in ((done, "finished"), (failed, "failed")):
+        states = [s.state for s in seen if s.id == job_id]
+        assert states[0] == "queued" and states[-1] == end  # it waited through the run
 
 
 def test_wait_times_out_on_a_queued_job(client):
@@ -207,7 +355,7 @@ def test_wait_times_out_on_a_queued_job(client):
     assert [s.state for s in caught.value.statuses] == ["queued"]
 
 
-def test_wait_notices_a_change_made_elsewhere(client, redis_url):
+def test_wait_notices_a_change_made_elsewhere(client):
     job_id = client.enqueue({"audio_uri": "s3://audio/a.wav"}).job_id
     other = Client(client.settings)  # its own connection, as another process would have
     timer = threading.Timer(0.3, other.cancel, args=(job_id,))
@@ -232,67 +380,83 @@ def test_cancel_queued_job(client, redis_conn):
     assert not client.enqueue({"audio_uri": "s3://audio/a.wav"}).created  # still unique until it expires
 
 
-def test_cancel_started_job_sets_the_cancel_key(client, redis_conn):
-    job_id = client.enqueue({"audio_uri": "s3://audio/a.wav"}).job_id
-    start_job(client, job_id)
-    outcome = client.cancel(job_id)
-    assert (outcome.action, outcome.state) == ("cancel_requested", "started")
-    assert redis_conn.exists(record.cancel_key(job_id))
-    assert 0 < redis_conn.ttl(record.cancel_key(job_id)) <= client.cancel_key_ttl
-    assert client.status(job_id).state == "started"
-
-
-def test_worker_honoured_cancel_reads_as_canceled(client):
-    [job_id] = run_jobs(client, "explode", "s3://audio/a.wav")
-    job = Job.fetch(job_id, connection=client.connection, serializer="json")
-    job.meta[record.META_FAILURE] = {"code": "canceled", "message": "canceled at stage generate",
-                                     "retryable": False, "attempt": 1}
-    job.save_meta()
-    assert client.status(job_id).state == "canceled"
-
-
-def test_cancel_finished_or_unknown_job_changes_nothing(client):
-    [job_id] = run_jobs(client, "transcript", "s3://audio/a.wav")
+def test_cancel_finished_or_unknown_job_changes_nothing(client, engine, wav):
+    [job_id] = run_jobs(client, engine, wav)
     outcome = client.cancel(job_id)
     assert (outcome.action, outcome.state) == ("unchanged", "finished")
+    assert client.status(job_id).result is not None
     assert client.cancel("aq-missing").action == "not_found"
 
 
 # ----------------------------------------------------------------------- requeue
-def test_requeue_failed_job_clears_failure_and_runs_again(client, redis_conn):
-    [job_id] = run_jobs(client, "explode", "s3://audio/a.wav")
-    job = Job.fetch(job_id, connection=redis_conn, serializer="json")
-    job.meta.update({record.META_FAILURE: {"code": "storage_unavailable", "message": "503", "retryable": True,
-                                           "attempt": 1},
-                     record.META_PROGRESS: {"stage": "fetch"}, record.META_ATTEMPT: 1,
-                     record.META_RETRY: {"code": "storage_unavailable", "message": "503", "retryable": True,
-                                         "attempt": 1}})
-    job.save_meta()
-    redis_conn.set(record.cancel_key(job_id), "1")
+def test_requeue_failed_job_clears_failure_and_runs_again(client, engine, tmp_path):
+    late = tmp_path / "late.wav"
+    [job_id] = run_jobs(client, engine, late)
+    assert client.status(job_id).failure.code == FailureCode.AUDIO_NOT_FOUND
+    meta = stored_job(client, job_id).meta
+    assert {record.META_FAILURE, record.META_PROGRESS} <= set(meta)
+    assert 0 < client.connection.ttl(Job.key_for(job_id)) <= client.settings.failure_ttl
 
+    write_wav(late, make_tone(1.0))  # the missing file arrives
     [outcome] = client.requeue([job_id])
     assert outcome.action == "requeued"
     status = client.status(job_id)
     assert (status.state, status.position, status.failure, status.attempt) == ("queued", 0, None, 1)
-    meta = Job.fetch(job_id, connection=redis_conn, serializer="json").meta
+    meta = stored_job(client, job_id).meta
     assert not {record.META_FAILURE, record.META_PROGRESS, record.META_RETRY} & set(meta)
-    assert not redis_conn.exists(record.cancel_key(job_id))
-    assert redis_conn.ttl(f"rq:job:{job_id}") == -1
+    assert client.connection.ttl(Job.key_for(job_id)) == -1
     assert client.list("failed") == []
 
-    SimpleWorker([client.queue("default")], connection=redis_conn, serializer="json").work(burst=True)
-    assert client.status(job_id).state == "failed"  # it ran again (and exploded again)
-    assert len(Job.fetch(job_id, connection=redis_conn, serializer="json").results()) == 2
+    run_burst(client.settings, engine)
+    status = client.status(job_id)
+    assert (status.state, status.attempt, status.failure) == ("finished", 2, None)  # it ran again, for real
+    assert status.result.audio_seconds == 1.0
+    assert [r.type.name for r in stored_job(client, job_id).results()] == ["SUCCESSFUL", "FAILED"]
 
 
-def test_requeue_all_failed_and_canceled(client):
-    failed = run_jobs(client, "explode", "s3://audio/a.wav", "s3://audio/b.wav")
-    canceled = client.enqueue({"audio_uri": "s3://audio/c.wav"}).job_id
+def test_requeue_clears_the_storage_retry_note(client, engine, s3_bucket, wav):
+    """Storage was down through every retry; once it is back, the requeued job runs clean."""
+    s3, bucket = s3_bucket
+    s3.put_object(Bucket=bucket, Key="speech.wav", Body=wav.read_bytes())
+    down = client.settings.model_copy(update={"s3_endpoint_url": closed_endpoint(), "storage_retries": 1})
+    job_id = client.enqueue({"audio_uri": f"s3://{bucket}/speech.wav"}).job_id
+    run_burst(down, engine)
+    status = client.status(job_id)
+    assert (status.state, status.failure.code, status.attempt) == ("failed", FailureCode.STORAGE_UNAVAILABLE, 2)
+    assert record.META_RETRY in stored_job(client, job_id).meta  # the first attempt's note
+
+    assert client.requeue([job_id])[0].action == "requeued"
+    status = client.status(job_id)
+    assert (status.state, status.failure, status.retry) == ("queued", None, None)
+    assert record.META_RETRY not in stored_job(client, job_id).meta
+
+    run_burst(client.settings.model_copy(update={"s3_endpoint_url": s3.meta.endpoint_url, "s3_region": "us-east-1"}),
+              engine)
+    status = client.status(job_id)
+    assert (status.state, status.attempt, status.retry) == ("finished", 3, None)
+    assert record.META_RETRY not in stored_job(client, job_id).meta
+
+
+def test_requeue_all_failed_and_canceled(client, engine, tmp_path):
+    a, b, c = (tmp_path / f"{name}.wav" for name in "abc")
+    failed = run_jobs(client, engine, a, b)
+    assert {client.status(job_id).failure.code for job_id in failed} == {FailureCode.AUDIO_NOT_FOUND}
+    canceled = client.enqueue({"audio_uri": c.as_uri()}).job_id
     client.cancel(canceled)
+    assert client.connection.exists(record.cancel_key(canceled))
+
     outcomes = client.requeue(all_failed=True)
     assert sorted(o.job_id for o in outcomes) == sorted(failed)
+    assert {o.action for o in outcomes} == {"requeued"}
     assert client.requeue([canceled])[0].action == "requeued"
     assert client.status(canceled).state == "queued" and client.status(canceled).failure is None
+    assert not client.connection.exists(record.cancel_key(canceled))
     assert client.requeue([canceled])[0].action == "unchanged"
     with pytest.raises(ValueError):
         client.requeue()
+
+    for path in (a, b, c):
+        write_wav(path, make_tone(1.0))
+    run_burst(client.settings, engine)
+    # All three ran: the canceled one was not stopped again at its claim by a stale cancel key.
+    assert [s.state for s in client.status_many([*failed, canceled])] == ["finished"] * 3
