@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -104,6 +105,7 @@ def main() -> int:
             processes.append(proc)
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
         s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
         s3.start()
         host, port = s3.get_host_and_port()

@@ -149,11 +149,17 @@ class AudioWorker(SimpleWorker):
             self.maintenance.job_ended(job.id)
 
     def handle_exception(self, job: AudioJob, *exc_info) -> None:
-        """Record failures the job function never saw (a refused job, RQ's hard timeout)."""
-        if not isinstance(exc_info[1], JobFailed):
-            job.meta.pop("unserialized", None)  # RQ's stand-in for meta it could not decode
-            attempt = int(job.meta.get(record.META_ATTEMPT, 1))
-            record_failure(job, failure_for(exc_info[1], attempt=attempt, worker=self.name))
+        """Record failures the job function never saw (a refused job, RQ's hard timeout).
+
+        A ``JobFailed`` is an expected outcome (bad audio, missing object, ...) already on the
+        job record: one log line, no traceback. Anything else keeps RQ's full traceback log.
+        """
+        if isinstance(exc_info[1], JobFailed):
+            self.log.warning("Worker %s: job %s failed: %s", self.name, job.id, exc_info[1])
+            return
+        job.meta.pop("unserialized", None)  # RQ's stand-in for meta it could not decode
+        attempt = int(job.meta.get(record.META_ATTEMPT, 1))
+        record_failure(job, failure_for(exc_info[1], attempt=attempt, worker=self.name))
         super().handle_exception(job, *exc_info)
 
     def handle_job_failure(self, job: AudioJob, queue, started_job_registry=None, exc_string: str = "") -> None:
