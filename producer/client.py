@@ -17,7 +17,6 @@ validated request dict. Two guarantees shape this module:
 
 from __future__ import annotations
 
-import math
 import posixpath
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -44,7 +43,6 @@ from producer.status import (ActionOutcome, EnqueueOutcome, Info, JobStatus, Que
 
 # Added to the longest job the worker may accept, so that RQ's own deadline never cuts
 # in before the worker's audio-derived one.
-JOB_TIMEOUT_MARGIN = 60
 BULK_BATCH = 500
 
 # Known audio file extensions for prefix enqueues. Formats the worker cannot decode
@@ -117,9 +115,7 @@ class Client:
     @property
     def job_timeout(self) -> int:
         """RQ's hard deadline: the worker's longest allowed job plus a margin."""
-        s = self.settings
-        longest = s.job_timeout_base + s.job_timeout_per_audio_second * s.max_audio_seconds
-        return math.ceil(longest) + JOB_TIMEOUT_MARGIN
+        return self.settings.hard_timeout
 
     @property
     def cancel_key_ttl(self) -> int:

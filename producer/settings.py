@@ -10,6 +10,7 @@ boto3 finds them in its usual chain (environment, profile, instance role), never
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -52,6 +53,19 @@ class Settings(BaseModel):
     lost_after: float = Field(60.0, gt=0, description="a running job with no beat this long is lost")
     lost_job_retries: int = Field(1, ge=0)
     temp_dir: str | None = None
+
+    def job_budget(self, audio_seconds: float | None = None) -> float:
+        """Seconds a job may run: the base plus a share per audio second.
+
+        Without a length (the audio is not decoded yet) the longest allowed audio stands in.
+        """
+        seconds = self.max_audio_seconds if audio_seconds is None else audio_seconds
+        return self.job_timeout_base + self.job_timeout_per_audio_second * seconds
+
+    @property
+    def hard_timeout(self) -> int:
+        """RQ's backstop deadline: the longest job the settings allow, plus a minute."""
+        return math.ceil(self.job_budget()) + 60
 
 
 def _flatten(table: dict[str, Any]) -> dict[str, Any]:

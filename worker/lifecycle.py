@@ -58,13 +58,8 @@ class JobRun:
 
     @property
     def budget(self) -> float:
-        """Seconds this job may run: the base plus a share per audio second.
-
-        Until the audio is decoded its length is unknown, and the longest allowed audio
-        stands in for it.
-        """
-        seconds = self.settings.max_audio_seconds if self.audio_seconds is None else self.audio_seconds
-        return self.settings.job_timeout_base + self.settings.job_timeout_per_audio_second * seconds
+        """Seconds this job may run (``Settings.job_budget`` of its audio, once decoded)."""
+        return self.settings.job_budget(self.audio_seconds)
 
     def claim(self) -> None:
         """Count the attempt and drop the previous attempt's failure, then enter ``claimed``."""

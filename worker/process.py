@@ -18,7 +18,6 @@ the longest retry backoff, so a burst drains its retries instead of leaving them
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import threading
@@ -43,15 +42,9 @@ from worker.lifecycle import JobFailed, record_failure
 
 # RQ's hard time limit is the longest job the settings allow plus this margin (the producer
 # enqueues with the same value), so the cooperative, audio-derived deadline fires first.
-HARD_TIMEOUT_MARGIN = 60
 TICK = 1.0  # seconds between the background thread's rounds (scheduler), at most
 
 log = logging.getLogger("audioq.worker")
-
-
-def hard_timeout(settings: Settings) -> int:
-    longest = settings.job_timeout_base + settings.job_timeout_per_audio_second * settings.max_audio_seconds
-    return math.ceil(longest) + HARD_TIMEOUT_MARGIN
 
 
 class Maintenance(threading.Thread):
@@ -141,7 +134,7 @@ class AudioWorker(SimpleWorker):
     def execute_job(self, job: AudioJob, queue) -> None:
         # Never below the longest job the settings allow (a producer's -1, "no limit", included):
         # RQ's SIGALRM must stay a backstop behind the cooperative deadline.
-        job.timeout = max(job.timeout or 0, hard_timeout(self.settings))
+        job.timeout = max(job.timeout or 0, self.settings.hard_timeout)
         self.maintenance.job_started(job.id)
         try:
             super().execute_job(job, queue)
