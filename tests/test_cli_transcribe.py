@@ -30,16 +30,32 @@ def test_transcribe_json_lines_for_several_formats(tiny_checkpoint, tmp_path, ca
 def test_transcribe_reports_bad_files_and_goes_on(tiny_checkpoint, tmp_path, capsys):
     model = str(tiny_checkpoint("e2b"))
     text, good, long = tmp_path / "notes.txt", tmp_path / "ok.wav", tmp_path / "long.wav"
+    missing, folder = tmp_path / "missing.wav", tmp_path / "folder.wav"
+    folder.mkdir()
     text.write_text("not audio at all\n" * 50)
     sf.write(good, make_tone(1.0), 16000)
     sf.write(long, make_tone(31.0), 16000)
-    code = main(["transcribe", str(text), str(good), str(long), "--model", model,
+    code = main(["transcribe", str(missing), str(folder), str(text), str(good), str(long), "--model", model,
                  "--max-new-tokens", "3", "--json"])
     assert code == 1
     lines = {json.loads(x)["file"]: json.loads(x) for x in capsys.readouterr().out.splitlines()}
+    assert lines[str(missing)]["error"] == lines[str(folder)]["error"] == "audio_not_found"
     assert lines[str(text)]["error"] == "unsupported_format"
     assert lines[str(long)]["error"] == "audio_too_long"
     assert "text" in lines[str(good)]
+
+
+def test_transcribe_honours_the_worker_limits(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    wav = tmp_path / "a.wav"
+    sf.write(wav, make_tone(3.0), 16000)
+    model = str(tiny_checkpoint("e2b"))
+    monkeypatch.setenv("AUDIOQ_MAX_AUDIO_SECONDS", "2.5")
+    assert main(["transcribe", str(wav), "--model", model, "--json", "--max-new-tokens", "2"]) == 1
+    assert json.loads(capsys.readouterr().out)["error"] == "audio_too_long"
+    monkeypatch.setenv("AUDIOQ_MAX_NEW_TOKENS_LIMIT", "4")
+    monkeypatch.setenv("AUDIOQ_DEFAULT_MAX_NEW_TOKENS", "2")
+    assert main(["transcribe", str(wav), "--model", model, "--max-new-tokens", "5"]) == 3
+    assert "max_new_tokens_limit" in capsys.readouterr().err
 
 
 def test_transcribe_plain_text_and_missing_model(tiny_checkpoint, tmp_path, capsys):
@@ -47,7 +63,7 @@ def test_transcribe_plain_text_and_missing_model(tiny_checkpoint, tmp_path, caps
     sf.write(wav, make_tone(0.8), 16000)
     assert main(["transcribe", str(wav), "--model", str(tiny_checkpoint("e2b")), "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.count("\n") == 1
-    assert main(["transcribe", str(wav), "--model", str(tmp_path / "missing")]) == 2
+    assert main(["transcribe", str(wav), "--model", str(tmp_path / "missing")]) == 3
     assert "no such checkpoint directory" in capsys.readouterr().err
 
 

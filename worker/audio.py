@@ -22,8 +22,7 @@ import soundfile as sf
 import soxr
 
 from producer.failures import AudioqError, FailureCode
-
-SAMPLE_RATE = 16_000
+from worker.gemma4.features import SAMPLE_RATE
 # The shortest clip that yields one audio token: Gemma 4's front-end needs 161 samples
 # (one 20 ms window with its 10 ms hop and semicausal padding) for a single valid frame.
 MIN_SAMPLES = 161

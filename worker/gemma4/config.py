@@ -8,7 +8,7 @@ small vocabulary, and a future revision of the real model may move them too.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +41,10 @@ class TokenIds:
 @dataclass
 class CheckpointConfig:
     path: Path
-    model_type: str
     text: dict[str, Any]
     audio: dict[str, Any] | None
     tokens: TokenIds
     quantization: dict[str, Any] | None
-    raw: dict[str, Any] = field(repr=False)
 
     @property
     def has_audio(self) -> bool:
@@ -103,10 +101,8 @@ def load_config(path: Path) -> CheckpointConfig:
         text["vocab_size"] = config["vocab_size"]
     return CheckpointConfig(
         path=path,
-        model_type=config.get("model_type", "gemma4"),
         text=text,
         audio=audio,
         tokens=tokens,
         quantization=config.get("quantization") or None,
-        raw=config,
     )

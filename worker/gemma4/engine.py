@@ -84,7 +84,6 @@ class Engine:
     def encode(self, clips: list[np.ndarray], on_stage: StageHook | None = None
                ) -> tuple[list[mx.array], dict[str, float]]:
         """Audio soft-token rows [n_i, H] per clip: front-end, tower and projector as one batch."""
-        self._require_audio()
         started = time.perf_counter()
         features, mask = log_mel([c.astype(np.float32, copy=False) for c in clips])
         mx.eval(features, mask)

@@ -140,7 +140,7 @@ def _load_into(module: nn.Module, weights: dict[str, mx.array], what: str, path:
     module.load_weights(list(weights.items()), strict=True)
 
 
-def load_model(model: str, *, with_audio: bool = True) -> LoadedModel:
+def load_model(model: str) -> LoadedModel:
     """Load config, tokenizer and weights; the audio bundle when the checkpoint has one."""
     path = resolve_checkpoint(model)
     config = load_config(path)
@@ -160,7 +160,7 @@ def load_model(model: str, *, with_audio: bool = True) -> LoadedModel:
     _load_into(text, text_weights, "text", path)
 
     tower = embedder = None
-    if with_audio and config.has_audio:
+    if config.has_audio:
         if not audio_weights:
             raise AudioqError(FailureCode.MODEL_ERROR,
                               f"checkpoint {path} has an audio_config but no audio_tower weights: a "
