@@ -13,6 +13,7 @@ a burst worker process, and prints the results and the queue summary.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import logging
@@ -97,7 +98,7 @@ def main() -> int:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="audioq-demo-"))
-    processes = []
+    processes, s3 = [], None
     try:
         redis_url = args.redis_url
         if not redis_url:
@@ -119,7 +120,9 @@ def main() -> int:
         if not model:
             from make_tiny_checkpoint import build_checkpoint
 
-            cached = REPO / ".cache" / "demo-checkpoint-e2b"
+            # keyed by the builder's content, so a changed builder gives a fresh checkpoint
+            builder = hashlib.sha256((REPO / "scripts" / "make_tiny_checkpoint.py").read_bytes()).hexdigest()
+            cached = REPO / ".cache" / f"demo-checkpoint-e2b-{builder[:12]}"
             if not (cached / "config.json").exists():
                 build_checkpoint(cached, "e2b")
             model = str(cached)
@@ -146,9 +149,10 @@ def main() -> int:
         audioq(["results", *ids])
         print("\n$ audioq info")
         audioq(["info"])
-        s3.stop()
         return worker.returncode
     finally:
+        if s3 is not None:
+            s3.stop()
         for proc in processes:
             proc.terminate()
             proc.wait(timeout=10)

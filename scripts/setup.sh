@@ -27,8 +27,10 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-python -m pip install -q -e ".[worker,test]" 2>&1 | grep -v "^WARNING: Location" || true
+# pip's own exit status decides (pipefail); only this machine's noise about absent local
+# package mirrors is filtered out of its output
+python -m pip install -q --upgrade pip 2>&1 | { grep -v "^WARNING: Location" || true; }
+python -m pip install -q -e ".[worker,test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
 python -c "import mlx.core, mlx_lm, rq, torch, transformers, moto" \
   || { echo "setup: the virtual environment is incomplete" >&2; exit 1; }
 
