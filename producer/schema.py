@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from producer.failures import FailureCode
+from producer.s3 import split_s3_uri
 
 AUDIO_SCHEMES = ("s3", "file")
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
@@ -24,8 +25,10 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 def _check_uri(uri: str, what: str) -> str:
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
-        if not parsed.netloc or len(parsed.netloc) < 3:
-            raise ValueError(f"{what} {uri!r}: s3 URIs need a bucket name (s3://bucket/key)")
+        try:
+            split_s3_uri(uri)
+        except ValueError:
+            raise ValueError(f"{what} {uri!r}: s3 URIs need a bucket name (s3://bucket/key)") from None
     elif parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
             raise ValueError(f"{what} {uri!r}: file URIs need an absolute path (file:///abs/path)")
@@ -52,7 +55,7 @@ class JobRequest(BaseModel):
     @classmethod
     def _audio_uri(cls, v: str) -> str:
         _check_uri(v, "audio_uri")
-        if urlparse(v).scheme == "s3" and not urlparse(v).path.strip("/"):
+        if urlparse(v).scheme == "s3" and not split_s3_uri(v)[1].strip("/"):
             raise ValueError(f"audio_uri {v!r}: names a bucket but no object key")
         return v
 
