@@ -5,20 +5,34 @@ name upper-cased with the ``AUDIOQ_`` prefix (``s3_endpoint_url`` ↔ ``AUDIOQ_S
 The TOML file (``--config`` or ``AUDIOQ_CONFIG``) may group keys in tables; table names are
 only for reading, keys are the field names. Storage credentials are deliberately absent:
 boto3 finds them in its usual chain (environment, profile, instance role), never in a job.
+
+List settings come from the environment as JSON (``["high", "low"]``) or comma-separated
+(``high, low``; items are trimmed). Unknown TOML keys are errors; an unknown ``AUDIOQ_*``
+variable (a typo) is logged as a warning, since the environment holds foreign names too.
+Settings that must agree with each other are checked at load (``Settings._consistent``),
+so a producer or worker with a contradictory configuration stops before it does anything.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import math
 import os
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ENV_PREFIX = "AUDIOQ_"
+# AUDIOQ_* variables that are not settings: the config file path, the CLI's traceback
+# switch, and anything AUDIOQ_TEST_* (the test-suite's own).
+OTHER_ENV = frozenset({ENV_PREFIX + "CONFIG", ENV_PREFIX + "DEBUG"})
+OTHER_ENV_PREFIXES = (ENV_PREFIX + "TEST_",)
+
+log = logging.getLogger("audioq.settings")
 
 
 class Settings(BaseModel):
@@ -28,16 +42,16 @@ class Settings(BaseModel):
     redis_url: str = "redis://127.0.0.1:6379/0"
     queues: list[str] = Field(default_factory=lambda: ["high", "default", "low"])
     default_queue: str = "default"
-    result_ttl: int = Field(7 * 24 * 3600, description="seconds a finished job is kept")
-    failure_ttl: int = Field(30 * 24 * 3600, description="seconds a failed job is kept")
+    result_ttl: int = Field(7 * 24 * 3600, ge=1, description="seconds a finished job is kept")
+    failure_ttl: int = Field(30 * 24 * 3600, ge=1, description="seconds a failed job is kept")
 
     # S3-compatible storage (credentials come from boto3's own chain)
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
     s3_addressing_style: str = Field("auto", pattern="^(auto|path|virtual)$")
     s3_profile: str | None = None
-    s3_connect_timeout: float = 10.0
-    s3_read_timeout: float = 60.0
+    s3_connect_timeout: float = Field(10.0, gt=0)
+    s3_read_timeout: float = Field(60.0, gt=0)
 
     # Worker: model and limits
     model: str | None = Field(None, description="checkpoint directory or hub repo id")
@@ -53,6 +67,34 @@ class Settings(BaseModel):
     lost_after: float = Field(60.0, gt=0, description="a running job with no beat this long is lost")
     lost_job_retries: int = Field(1, ge=0)
     temp_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        """Checks that span fields, so a bad combination fails at load, in producer and worker alike."""
+        problems = []
+        if not self.queues:
+            problems.append("queues must name at least one queue")
+        blank = [q for q in self.queues if not q.strip() or q != q.strip()]
+        if blank:
+            problems.append(f"queue names must not be blank or start/end with spaces: {blank!r}")
+        repeated = sorted({q for q in self.queues if self.queues.count(q) > 1})
+        if repeated:
+            problems.append(f"queues lists {', '.join(repeated)} more than once")
+        if self.queues and self.default_queue not in self.queues:
+            problems.append(f"default_queue {self.default_queue!r} is not one of queues "
+                            f"({', '.join(self.queues)}): no worker would read it")
+        negative = [b for b in self.storage_retry_backoff if not b >= 0]  # `not >=` also catches NaN
+        if negative:
+            problems.append(f"storage_retry_backoff must hold seconds >= 0, not {negative}")
+        if self.lost_after < 2 * self.heartbeat_interval:
+            problems.append(f"lost_after ({self.lost_after:g} s) must be at least twice heartbeat_interval "
+                            f"({self.heartbeat_interval:g} s), or running jobs would be taken for lost")
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            problems.append(f"default_max_new_tokens ({self.default_max_new_tokens}) is above "
+                            f"max_new_tokens_limit ({self.max_new_tokens_limit})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     def job_budget(self, audio_seconds: float | None = None) -> float:
         """Seconds a job may run: the base plus a share per audio second.
@@ -85,10 +127,26 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
         if raw is None:
             continue
         if field.annotation in (list[str], list[float]):
-            found[name] = json.loads(raw) if raw.lstrip().startswith("[") else raw.split(",")
+            if raw.lstrip().startswith("["):
+                found[name] = json.loads(raw)
+            else:  # "high, low" is ["high", "low"]; an empty item (a trailing comma) is dropped
+                found[name] = [item.strip() for item in raw.split(",") if item.strip()]
         else:
             found[name] = raw
     return found
+
+
+def _warn_unknown_env(environ: dict[str, str]) -> None:
+    """A misspelt AUDIOQ_* variable would otherwise be ignored without a word (TOML typos are errors)."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | OTHER_ENV
+    suffixes = sorted(name[len(ENV_PREFIX):] for name in known)
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in known or name.startswith(OTHER_ENV_PREFIXES):
+            continue
+        # Compared without the shared prefix, which would make every name look close.
+        close = difflib.get_close_matches(name[len(ENV_PREFIX):], suffixes, n=1, cutoff=0.7)
+        hint = f" (did you mean {ENV_PREFIX + close[0]}?)" if close else ""
+        log.warning("audioq: ignoring unknown environment variable %s%s", name, hint)
 
 
 def load_settings(path: str | Path | None = None, environ: dict[str, str] | None = None,
@@ -100,6 +158,7 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
     if path:
         with open(path, "rb") as f:
             values.update(_flatten(tomllib.load(f)))
+    _warn_unknown_env(environ)
     values.update(_from_env(environ))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Settings.model_validate(values)

@@ -7,17 +7,20 @@ tiny random-weight checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import pytest
 from conftest import make_tone
-from rq.job import Job
+from pydantic import ValidationError
+from rq.job import Job, Retry
 from worker_fixtures import run_burst, worker_settings, write_wav
 
 from producer import Client, record
 from producer.manifest import EnqueueItem, ManifestError
+from producer.s3 import s3_client, split_s3_uri
 from producer.schema import JobRequest
-from producer.settings import load_settings
+from producer.settings import Settings, load_settings
 
 
 @pytest.fixture
@@ -224,3 +227,103 @@ def test_prefix_with_invalid_fields_is_one_clear_error(redis_url, redis_conn, s3
     with pytest.raises(ValueError, match="target_language"):
         client.enqueue_prefix(f"s3://{bucket}/", task="translate")
     assert client.enqueue_prefix(f"s3://{bucket}/nothing-here/") == []
+
+
+# ------------------------------------------------------------------------ settings
+@pytest.mark.parametrize("values, message", [
+    ({"queues": ["high", "low"]}, "default_queue 'default' is not one of queues (high, low): no worker would read it"),
+    ({"queues": []}, "queues must name at least one queue"),
+    ({"queues": ["high", "default", "high"]}, "queues lists high more than once"),
+    ({"queues": ["high", " default"]}, "queue names must not be blank"),
+    ({"storage_retry_backoff": [5.0, -1.0]}, "storage_retry_backoff must hold seconds >= 0, not [-1.0]"),
+    ({"result_ttl": -1}, "result_ttl"),
+    ({"failure_ttl": 0}, "failure_ttl"),
+    ({"s3_read_timeout": 0}, "s3_read_timeout"),
+    ({"heartbeat_interval": 15, "lost_after": 20}, "lost_after (20 s) must be at least twice heartbeat_interval (15 s)"),
+    ({"default_max_new_tokens": 4096}, "default_max_new_tokens (4096) is above max_new_tokens_limit (2048)"),
+])
+def test_inconsistent_settings_are_refused_at_load(values, message):
+    with pytest.raises(ValidationError) as caught:
+        Settings(**values)
+    assert message in str(caught.value)
+    # The same through the environment, as a worker or the CLI loads them.
+    environ = {f"AUDIOQ_{k.upper()}": json.dumps(v) if isinstance(v, list) else str(v) for k, v in values.items()}
+    with pytest.raises(ValidationError, match=message.split(" (")[0].replace("[", r"\[")):
+        load_settings(environ=environ)
+
+
+def test_negative_backoff_is_what_rq_would_raise_on_inside_the_job():
+    """Why the check matters: the worker hands storage_retry_backoff to RQ's Retry, which raises."""
+    with pytest.raises(ValueError, match="negative"):
+        Retry(max=3, interval=[5.0, -1.0])
+    Retry(max=3, interval=Settings().storage_retry_backoff)  # the defaults are fine
+
+
+def test_comma_separated_env_lists_are_trimmed(redis_url, redis_conn):
+    settings = load_settings(redis_url=redis_url, environ={
+        "AUDIOQ_QUEUES": "urgent, normal ,bulk,", "AUDIOQ_DEFAULT_QUEUE": "normal",
+        "AUDIOQ_STORAGE_RETRY_BACKOFF": " 1, 2.5 "})
+    assert settings.queues == ["urgent", "normal", "bulk"] and settings.storage_retry_backoff == [1.0, 2.5]
+    client = Client(settings, connection=redis_conn)
+    assert client.enqueue({"audio_uri": "s3://audio/a.wav"}, priority="low").queue == "bulk"
+    assert load_settings(environ={"AUDIOQ_QUEUES": '["a", "b"]', "AUDIOQ_DEFAULT_QUEUE": "b"}).queues == ["a", "b"]
+
+
+def test_unknown_audioq_environment_variables_are_warned_about(caplog):
+    environ = {"AUDIOQ_QUEUE": "high", "AUDIOQ_REDIS_URL": "redis://x:6379/0", "AUDIOQ_CONFIG": "",
+               "AUDIOQ_DEBUG": "1", "AUDIOQ_TEST_REDIS_URL": "redis://y", "AUDIOQ_FROBNICATE": "1", "HOME": "/"}
+    with caplog.at_level(logging.WARNING, logger="audioq.settings"):
+        settings = load_settings(environ=environ)
+    assert settings.redis_url == "redis://x:6379/0"
+    assert [r.getMessage() for r in caplog.records] == [
+        "audioq: ignoring unknown environment variable AUDIOQ_FROBNICATE",
+        "audioq: ignoring unknown environment variable AUDIOQ_QUEUE (did you mean AUDIOQ_QUEUES?)",
+    ]
+
+
+def test_unknown_toml_keys_are_still_errors(tmp_path):
+    path = tmp_path / "audioq.toml"
+    path.write_text('[queues]\nqueue = ["high"]\n')
+    with pytest.raises(ValidationError, match="queue"):
+        load_settings(path, environ={})
+
+
+def test_the_shipped_configs_are_valid():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("producer.toml", "worker.toml"):
+        assert load_settings(configs / name, environ={}) == Settings()  # they spell out the defaults
+
+
+# ---------------------------------------------------------------------- S3 helpers
+@pytest.mark.parametrize("uri, parts", [
+    ("s3://audio/calls/a.wav", ("audio", "calls/a.wav")),
+    ("s3://audio/calls/", ("audio", "calls/")),
+    ("s3://audio", ("audio", "")),
+    ("s3://audio/a#1?.wav", ("audio", "a#1?.wav")),  # urlparse would cut the key at # and ?
+    ("s3://audio//lead", ("audio", "/lead")),
+    ("S3://audio/x", ("audio", "x")),
+])
+def test_split_s3_uri(uri, parts):
+    assert split_s3_uri(uri) == parts
+
+
+@pytest.mark.parametrize("uri", ["file:///a.wav", "s3:/audio/x", "s3://ab/x", "s3:///x", "audio/x"])
+def test_split_s3_uri_refuses_what_is_not_an_s3_uri(uri):
+    with pytest.raises(ValueError):
+        split_s3_uri(uri)
+
+
+def test_s3_client_follows_the_settings(s3_bucket):
+    s3, bucket = s3_bucket
+    s3.put_object(Bucket=bucket, Key="a#1.wav", Body=b"x")
+    settings = load_settings(s3_addressing_style="path", s3_connect_timeout=3, s3_read_timeout=7)
+    client = s3_client(settings)
+    config = client.meta.config
+    assert client.meta.endpoint_url == settings.s3_endpoint_url and client.meta.region_name == "us-east-1"
+    assert (config.connect_timeout, config.read_timeout, config.s3["addressing_style"]) == (3, 7, "path")
+    assert config.retries == {"mode": "standard", "total_max_attempts": 3}  # 1 request + 2 retries
+    request = JobRequest(audio_uri=f"s3://{bucket}/a#1.wav")
+    bucket_name, key = split_s3_uri(request.audio_uri)
+    assert client.get_object(Bucket=bucket_name, Key=key)["Body"].read() == b"x"
