@@ -8,11 +8,15 @@ validated request dict. Two guarantees shape this module:
   job is only written if no job with that id exists. That check and the write happen in
   one atomic step in Redis, so re-running an enqueue, a manifest or a whole overnight
   backlog never creates or runs a job twice. Single enqueues use RQ's ``unique=True``.
-  Bulk enqueues pipeline an equivalent small Lua script, because RQ's ``enqueue_many``
-  has no uniqueness option.
-- **Reads are read-only.** ``status``, ``list`` and ``info`` never run RQ's registry
-  cleanup. Cleanup would fire failure callbacks and move jobs around from a producer
-  process; that is a worker's job.
+  Bulk enqueues pipeline RQ's own unique-enqueue Lua script (the one ``unique=True``
+  runs), because RQ's ``enqueue_many`` has no uniqueness option.
+- **Reads leave jobs alone.** ``status``, ``list`` and ``info`` never run RQ's registry
+  cleanup: it would fire failure callbacks and move jobs between registries from a
+  producer process, which is a worker's job. Reads are not strictly write-free, though.
+  Two bookkeeping writes touch no job: ``list`` and ``info`` drop CanceledJobRegistry
+  entries whose job record has expired (RQ's cleanup never visits that registry; see
+  ``_PRUNE_CANCELED``), and ``info``'s ``Worker.all()`` is RQ's, which removes the
+  registrations of workers whose key has expired (SREM on ``rq:workers``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from rq.job import JobStatus as RQStatus
 from rq.registry import (BaseRegistry, CanceledJobRegistry, DeferredJobRegistry, FailedJobRegistry,
                          FinishedJobRegistry, ScheduledJobRegistry, StartedJobRegistry)
 from rq.results import Result
+from rq.scripts import _build_hset_args, get_unique_enqueue_script
 from rq.utils import now
 from rq.worker import Worker
 
@@ -36,13 +41,13 @@ from producer import record
 from producer.failures import FailureCode
 from producer.manifest import (EnqueueItem, ManifestError, check_job_id, check_priority, item_from_dict,
                                read_manifest)
+from producer.s3 import s3_client, split_s3_uri
 from producer.schema import JobFailure, JobRequest, JobResult
 from producer.settings import Settings, load_settings
 from producer.status import (ActionOutcome, EnqueueOutcome, Info, JobStatus, QueueInfo, WorkerInfo,
                              build_status)
 
-# Added to the longest job the worker may accept, so that RQ's own deadline never cuts
-# in before the worker's audio-derived one.
+# Jobs per pipelined round trip in bulk enqueues.
 BULK_BATCH = 500
 
 # Known audio file extensions for prefix enqueues. Formats the worker cannot decode
@@ -61,16 +66,19 @@ _REGISTRIES: dict[str, type[BaseRegistry]] = {
 _CANCELABLE = {RQStatus.CREATED, RQStatus.QUEUED, RQStatus.SCHEDULED, RQStatus.DEFERRED}
 _REQUEUEABLE = {RQStatus.FAILED, RQStatus.STOPPED, RQStatus.CANCELED}
 
-# KEYS: job hash, queue list. ARGV: job id, then field/value pairs of the job hash.
-# The same check-then-write that RQ's ``unique=True`` does, written once per job inside
-# a pipeline: an existing hash (queued, running, finished or failed) wins.
-_CREATE_IF_ABSENT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-    return 0
+# KEYS: a CanceledJobRegistry. ARGV: the job key prefix. Removes the entries whose job
+# hash no longer exists and returns how many are left. RQ adds a canceled job with score
+# "now" and never cleans that registry (``clean_registries`` skips it), so without this
+# the canceled count would grow with every job ever canceled. Atomic, so an id whose
+# hash expired and that was enqueued and canceled again meanwhile is never dropped.
+_PRUNE_CANCELED = """
+local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
+for _, id in ipairs(ids) do
+    if redis.call('EXISTS', ARGV[1] .. id) == 0 then
+        redis.call('ZREM', KEYS[1], id)
+    end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('RPUSH', KEYS[2], ARGV[1])
-return 1
+return redis.call('ZCARD', KEYS[1])
 """
 
 
@@ -83,24 +91,6 @@ class WaitTimeout(TimeoutError):
         self.statuses = statuses
 
 
-def _hash_args(job: Job) -> list[Any]:
-    """The job hash as a flat field/value list, exactly the mapping ``Job.save`` writes."""
-    flat: list[Any] = []
-    for field, value in job.to_dict().items():
-        flat += [field, value]
-    return flat
-
-
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/some/prefix`` → ``("bucket", "some/prefix")``. Keys may hold any character."""
-    if not uri.startswith("s3://"):
-        raise ValueError(f"{uri!r} is not an s3:// URI")
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    if len(bucket) < 3:
-        raise ValueError(f"{uri!r} needs a bucket name (s3://bucket/prefix/)")
-    return bucket, key
-
-
 class Client:
     """A connection to audioq's queues. Cheap to create; holds no state besides the connection."""
 
@@ -109,7 +99,7 @@ class Client:
         self.connection = connection or redis.Redis.from_url(
             self.settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
         self._queues: dict[str, Queue] = {}
-        self._create_if_absent = self.connection.register_script(_CREATE_IF_ABSENT)
+        self._prune_canceled = self.connection.register_script(_PRUNE_CANCELED)
 
     # ----------------------------------------------------------------- queues
     @property
@@ -176,7 +166,7 @@ class Client:
                 elif isinstance(entry, JobRequest):
                     items.append(EnqueueItem(request=entry))
                 else:
-                    items.append(item_from_dict(entry, line=number))
+                    items.append(item_from_dict(entry))
             except ValueError as exc:
                 problems.append((number, str(exc)))
         if problems:
@@ -213,6 +203,15 @@ class Client:
         return outcomes
 
     def _create_batch(self, batch: list[tuple[str, str, JobRequest]]) -> list[bool]:
+        """Write each job unless its id exists: RQ's unique-enqueue script, pipelined.
+
+        ``unique=True`` runs the same script through ``rq.scripts.save_unique_job``, but one
+        round trip per job, and it raises on a duplicate; here it is queued on a pipeline
+        (one round trip per batch) and its 0/1 reply read back. The hash fields come from
+        RQ's own ``_build_hset_args`` (private, hence ``rq<3`` in pyproject), so a bulk job's
+        record is field for field what a single enqueue writes.
+        """
+        script = get_unique_enqueue_script(self.connection)
         with self.connection.pipeline(transaction=False) as pipe:
             for name in {name for _, name, _ in batch}:
                 pipe.sadd(Queue.redis_queues_keys, self.queue(name).key)
@@ -221,7 +220,8 @@ class Client:
                 job = q.create_job(record.TASK_FUNC, job_id=job_id, status=RQStatus.QUEUED,
                                    **self._job_options(request))
                 job.enqueued_at = now()
-                self._create_if_absent(keys=[job.key, q.key], args=[job.id, *_hash_args(job)], client=pipe)
+                ttl = job.ttl if job.ttl is not None else -1
+                script(keys=[job.key, q.key], args=[job.id, "R", ttl, *_build_hset_args(job)], client=pipe)
             replies = pipe.execute()
         return [bool(r) for r in replies[-len(batch):]]
 
@@ -230,16 +230,6 @@ class Client:
         """Enqueue a JSONL or CSV manifest (see ``producer.manifest``); any bad row → nothing enqueued."""
         return self.enqueue_many(read_manifest(path), queue=queue, priority=priority, on_progress=on_progress)
 
-    def _s3(self):
-        import boto3  # imported here: status/list/info should not pay for boto3's import
-        from botocore.config import Config
-
-        s = self.settings
-        session = boto3.Session(profile_name=s.s3_profile) if s.s3_profile else boto3.Session()
-        config = Config(s3={"addressing_style": s.s3_addressing_style},
-                        connect_timeout=s.s3_connect_timeout, read_timeout=s.s3_read_timeout)
-        return session.client("s3", endpoint_url=s.s3_endpoint_url, region_name=s.s3_region, config=config)
-
     def list_audio(self, s3_uri_prefix: str, *, all_objects: bool = False) -> list[str]:
         """``s3://`` URIs of the objects under a prefix, in key order.
 
@@ -247,7 +237,7 @@ class Client:
         ``all_objects``, only keys with a known audio extension are taken.
         """
         bucket, prefix = split_s3_uri(s3_uri_prefix)
-        pages = self._s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        pages = s3_client(self.settings).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         uris = []
         for page in pages:
             for obj in page.get("Contents", []):
@@ -338,6 +328,10 @@ class Client:
         changed; ``on_update`` gets each of those. Raises ``WaitTimeout`` after ``timeout``
         seconds.
         """
+        if not poll > 0:
+            raise ValueError(f"poll must be a positive number of seconds, not {poll!r}")
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
         ids = list(dict.fromkeys(check_job_id(job_id) for job_id in job_ids))
         deadline = None if timeout is None else time.monotonic() + timeout
         seen: dict[str, tuple] = {}
@@ -364,6 +358,8 @@ class Client:
             return []
         if state == "queued":
             return self.queue(queue_name).get_job_ids(0, count)
+        if state == "canceled":
+            self._canceled_count(queue_name)  # so expired entries take no place in the page
         registry = _REGISTRIES[state](queue_name, connection=self.connection, serializer=record.SERIALIZER)
         return registry.get_job_ids(0, count - 1, cleanup=False)
 
@@ -372,10 +368,14 @@ class Client:
         """Jobs by RQ's queues and registries: ``queued`` reads the queue, other states their registry.
 
         Without ``state``, every state in lifecycle order. Registry entries whose job has
-        already expired are left out.
+        already expired are left out (and dropped from CanceledJobRegistry, see ``info``).
         """
         if state is not None and state not in LIST_STATES:
             raise ValueError(f"unknown state {state!r}: choose from {', '.join(LIST_STATES)}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a whole number >= 1, not {limit!r}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be a whole number >= 0, not {offset!r}")
         states = [state] if state else list(LIST_STATES)
         names = [self.queue_name(queue=queue)] if queue else self.settings.queues
         ids: list[str] = []
@@ -438,8 +438,10 @@ class Client:
                 queue: str | None = None) -> list[ActionOutcome]:
         """Put failed or canceled jobs back on their queue, as if new.
 
-        The meta failure, progress and retry note and the cancel key are cleared; the
-        attempt and lost-worker counts are kept. ``all_failed`` takes every job in the
+        The meta failure, progress and retry note, the cancel key and RQ's retry count
+        (``number_of_retries``, which the worker compares to ``storage_retries``) are
+        cleared, so the job gets its storage retries again; the attempt and lost-worker
+        counts are kept. ``all_failed`` takes every job in the
         failed registries of all configured queues, or of ``queue`` only.
         """
         if bool(job_ids) == all_failed:
@@ -473,11 +475,13 @@ class Client:
                     for name in (record.META_FAILURE, record.META_PROGRESS, record.META_RETRY):
                         job.meta.pop(name, None)
                     job.started_at = job.ended_at = None
+                    job.number_of_retries = None
                     pipe.multi()
                     for registry in (FailedJobRegistry, CanceledJobRegistry):
                         pipe.zrem(registry(job.origin, connection=self.connection).key, job_id)
                     self.queue(job.origin).enqueue_job(job, pipeline=pipe)
-                    pipe.hdel(key, "exc_info")
+                    # Job.save writes only the fields it has: a None one must go from the hash.
+                    pipe.hdel(key, "exc_info", "number_of_retries")
                     pipe.persist(key)
                     pipe.delete(record.cancel_key(job_id))
                     pipe.execute()
@@ -487,11 +491,23 @@ class Client:
                     continue
 
     # ------------------------------------------------------------------- info
+    def _canceled_count(self, queue_name: str) -> int:
+        """Jobs in the queue's CanceledJobRegistry that still exist; expired entries are dropped."""
+        key = CanceledJobRegistry(queue_name, connection=self.connection).key
+        return int(self._prune_canceled(keys=[key], args=[Job.redis_job_namespace_prefix]))
+
     def info(self) -> Info:
-        """Depth of every queue (configured ones first) and every registered worker."""
+        """Depth of every queue (configured ones first) and every registered worker.
+
+        Counts are registry sizes, except ``canceled``: RQ never cleans CanceledJobRegistry,
+        so its entries whose job record has expired are dropped first (``_PRUNE_CANCELED``,
+        one atomic script per queue; it touches no job), and ``canceled`` counts only jobs
+        that still exist. The other registries are cleaned by the workers' maintenance.
+        """
         registered = [q.name for q in Queue.all(connection=self.connection, serializer=record.SERIALIZER)]
         names = list(dict.fromkeys([*self.settings.queues, *sorted(registered)]))
-        counted = ("started", "finished", "failed", "canceled", "scheduled", "deferred")
+        canceled = {name: self._canceled_count(name) for name in names}
+        counted = ("started", "finished", "failed", "scheduled", "deferred")
         with self.connection.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.llen(self.queue(name).key)
@@ -505,7 +521,7 @@ class Client:
         enqueued = self._enqueued_at([h for h in heads if h])
         queues = []
         for name, row, head in zip(names, rows, heads):
-            counts = dict(zip(counted, row[2:]))
+            counts = dict(zip(counted, row[2:]), canceled=canceled[name])
             since = enqueued.get(head) if head else None
             age = (now() - since).total_seconds() if since else None
             queues.append(QueueInfo(name=name, queued=row[0], oldest_queued_seconds=age, **counts))

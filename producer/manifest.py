@@ -32,7 +32,6 @@ from producer.schema import JOB_ID_PATTERN, JobRequest
 
 PRIORITIES = ("high", "default", "low")
 _JOB_ID = re.compile(JOB_ID_PATTERN)
-_EXTRA_FIELDS = ("job_id", "priority")
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,6 @@ class EnqueueItem:
     request: JobRequest
     job_id: str | None = None
     priority: str | None = None
-    line: int | None = None
 
 
 class ManifestError(ValueError):
@@ -71,16 +69,16 @@ def check_priority(priority: str) -> str:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem, ``field: reason``: short enough for a terminal."""
+    """Problems joined by ``; ``, each ``field: reason`` (or the reason alone when it spans fields)."""
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "request"
+        where = ".".join(str(p) for p in err["loc"])
         message = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {message}")
+        parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts)
 
 
-def item_from_dict(row: dict[str, Any], line: int | None = None) -> EnqueueItem:
+def item_from_dict(row: dict[str, Any]) -> EnqueueItem:
     """Validate one row; raises ValueError with a one-line reason."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
@@ -95,7 +93,7 @@ def item_from_dict(row: dict[str, Any], line: int | None = None) -> EnqueueItem:
         request = JobRequest.model_validate(fields)
     except ValidationError as exc:
         raise ValueError(describe_validation_error(exc)) from None
-    return EnqueueItem(request=request, job_id=job_id, priority=priority, line=line)
+    return EnqueueItem(request=request, job_id=job_id, priority=priority)
 
 
 def _jsonl_rows(text: str) -> Iterator[tuple[int, Any]]:
@@ -157,7 +155,7 @@ def manifest_format(path: Path, text: str) -> str:
     return "jsonl" if text.lstrip().startswith("{") else "csv"
 
 
-def validate_items(rows: Iterable[tuple[int, Any]], source: str, unit: str = "line") -> list[EnqueueItem]:
+def validate_items(rows: Iterable[tuple[int, Any]], source: str) -> list[EnqueueItem]:
     """All rows valid → the items; otherwise a ManifestError naming every bad row.
 
     An explicit ``job_id`` used twice is an error: the second row would silently become
@@ -171,18 +169,18 @@ def validate_items(rows: Iterable[tuple[int, Any]], source: str, unit: str = "li
             problems.append((number, str(row)))
             continue
         try:
-            item = item_from_dict(row, line=number)
+            item = item_from_dict(row)
         except ValueError as exc:
             problems.append((number, str(exc)))
             continue
         if item.job_id is not None:
             if item.job_id in first_use:
-                problems.append((number, f"job_id {item.job_id!r} already used on {unit} {first_use[item.job_id]}"))
+                problems.append((number, f"job_id {item.job_id!r} already used on line {first_use[item.job_id]}"))
                 continue
             first_use[item.job_id] = number
         items.append(item)
     if problems:
-        raise ManifestError(source, problems, unit=unit)
+        raise ManifestError(source, problems)
     return items
 
 

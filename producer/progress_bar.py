@@ -21,9 +21,9 @@ class ProgressLine:
         self._last_draw = 0.0
         self._width = 0
 
-    def update(self, done: int, note: str = "", force: bool = False) -> None:
+    def update(self, done: int, note: str = "") -> None:
         now = time.monotonic()
-        if not force and now - self._last_draw < self.min_interval and done < self.total:
+        if now - self._last_draw < self.min_interval and done < self.total:
             return
         self._last_draw = now
         columns = shutil.get_terminal_size((80, 20)).columns

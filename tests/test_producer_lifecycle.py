@@ -437,6 +437,83 @@ def test_requeue_clears_the_storage_retry_note(client, engine, s3_bucket, wav):
     assert record.META_RETRY not in stored_job(client, job_id).meta
 
 
+def run_one_job(settings, engine) -> None:
+    """A real AudioWorker that takes exactly one job, then stops (even if a retry is scheduled)."""
+    import redis
+
+    from worker.process import AudioWorker
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    worker = AudioWorker(settings.queues, settings=settings, engine=engine,
+                         connection=redis.Redis.from_url(settings.redis_url))
+    try:
+        worker.work(burst=True, max_jobs=1)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def test_requeued_job_gets_its_storage_retries_again(client, engine, s3_bucket, wav):
+    """Storage down through every retry → failed; requeued while still down → retried, not failed.
+
+    RQ counts a job's retries in ``number_of_retries``, and the worker retries storage
+    failures only while it is below ``storage_retries``; a requeue that kept the count
+    would leave the job no retry at all.
+    """
+    s3, bucket = s3_bucket
+    s3.put_object(Bucket=bucket, Key="speech.wav", Body=wav.read_bytes())
+    down = client.settings.model_copy(update={"s3_endpoint_url": closed_endpoint(), "storage_retries": 1})
+    job_id = client.enqueue({"audio_uri": f"s3://{bucket}/speech.wav"}).job_id
+    run_burst(down, engine)
+    status = client.status(job_id)
+    assert (status.state, status.failure.code, status.attempt) == ("failed", FailureCode.STORAGE_UNAVAILABLE, 2)
+    assert stored_job(client, job_id).number_of_retries == 1  # its one retry, spent
+
+    assert client.requeue([job_id])[0].action == "requeued"
+    job = stored_job(client, job_id)
+    assert job.number_of_retries is None and not client.connection.hexists(job.key, "number_of_retries")
+
+    # Still down: the requeued attempt fails on storage again and is scheduled for a retry.
+    run_one_job(down.model_copy(update={"storage_retry_backoff": [60.0]}), engine)
+    status = client.status(job_id)
+    assert (status.state, status.attempt, status.failure) == ("scheduled", 3, None), status.failure
+    assert status.retry.code == FailureCode.STORAGE_UNAVAILABLE
+    job = stored_job(client, job_id)
+    assert job.number_of_retries == 1 and job.latest_result().type.name == "RETRIED"
+    assert [s.id for s in client.list("scheduled")] == [job_id]
+
+
+def test_info_counts_only_canceled_jobs_that_still_exist(redis_url, redis_conn):
+    """RQ never cleans CanceledJobRegistry: a canceled job's record expires, its entry would stay."""
+    short = Client(worker_settings(redis_url, failure_ttl=1), connection=redis_conn)
+    gone = short.enqueue({"audio_uri": "s3://audio/gone.wav"}).job_id
+    short.cancel(gone)
+    lasting = Client(worker_settings(redis_url), connection=redis_conn)
+    kept = lasting.enqueue({"audio_uri": "s3://audio/kept.wav"}).job_id
+    lasting.cancel(kept)
+    registry = "rq:canceled:default"
+    assert redis_conn.zcard(registry) == 2
+    wait_for(lambda: not redis_conn.exists(Job.key_for(gone)), timeout=5, what="the canceled job to expire")
+    assert redis_conn.zcard(registry) == 2  # the stale entry is still there
+
+    counts = {q.name: q.canceled for q in lasting.info().queues}
+    assert counts == {"high": 0, "default": 1, "low": 0}
+    assert [v.decode() for v in redis_conn.zrange(registry, 0, -1)] == [kept]  # pruned, the live one kept
+    assert [s.id for s in lasting.list("canceled", limit=1)] == [kept]
+
+
+def test_list_and_wait_refuse_out_of_range_numbers(client):
+    """``offset=-1`` would slice from the end of the page; ``poll=0`` would busy-loop on Redis."""
+    job_id = client.enqueue({"audio_uri": "s3://audio/a.wav"}).job_id
+    for bad in ({"offset": -1}, {"limit": 0}, {"limit": -5}, {"offset": 1.5}):
+        with pytest.raises(ValueError, match="limit|offset"):
+            client.list(**bad)
+    for bad in ({"poll": 0}, {"poll": -1}, {"poll": float("nan")}, {"timeout": -1}):
+        with pytest.raises(ValueError, match="poll|timeout"):
+            client.wait([job_id], **bad)
+    assert [s.id for s in client.list(offset=0, limit=1)] == [job_id]
+
+
 def test_requeue_all_failed_and_canceled(client, engine, tmp_path):
     a, b, c = (tmp_path / f"{name}.wav" for name in "abc")
     failed = run_jobs(client, engine, a, b)
