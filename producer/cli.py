@@ -20,10 +20,20 @@ make jobs (enqueue, status, wait, results, list, cancel, requeue) always write a
 *list*, one element per job in the order given, even for a single id, so scripts parse
 one shape. ``info`` writes an object.
 
-Exit codes: 0 success; 1 a job failed, was canceled or is unknown; 2 ``wait`` timed out,
-or the command line was wrong; 3 the command could not run (invalid input, Redis or
-storage unreachable, bad config). Errors are one line on stderr, never a traceback
-(set ``AUDIOQ_DEBUG=1`` to get one).
+Exit codes, the same for every command:
+
+- 0: success.
+- 1: a job named on the command line failed, was canceled or is unknown (``status``,
+  ``wait``, ``results``; ``results`` also when a job has no result yet), or is unknown
+  (``cancel``, ``requeue``). ``transcribe``: a file could not be transcribed.
+- 2: ``wait`` timed out, or the command line was wrong (argparse's own errors and
+  combinations of options that do not go together).
+- 3: the command could not run: invalid request or manifest, Redis or storage
+  unreachable, bad settings, or (``worker``, ``transcribe``) no model or one that
+  cannot be loaded. ``_callee_code`` maps what ``run_worker``/``run_transcribe`` return
+  onto these codes.
+
+Errors are one line on stderr, never a traceback (set ``AUDIOQ_DEBUG=1`` to get one).
 """
 
 from __future__ import annotations
@@ -44,10 +54,15 @@ from producer.progress_bar import ProgressLine
 from producer.settings import Settings, load_settings
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_TIMEOUT, EXIT_ERROR = 0, 1, 2, 3
+EXIT_USAGE = EXIT_TIMEOUT  # 2: argparse's own code for a wrong command line
 
 
 class CommandError(Exception):
     """A user-facing error: printed as one line, exit code 3."""
+
+
+class UsageError(CommandError):
+    """Options that do not go together: printed as one line, exit code 2 like argparse's errors."""
 
 
 # ------------------------------------------------------------------ output helpers
@@ -97,6 +112,11 @@ def _unknown(statuses) -> int:
     return EXIT_JOB_FAILED if missing else EXIT_OK
 
 
+def _any_failed(statuses) -> bool:
+    """Whether a job failed, was canceled or is unknown (exit code 1)."""
+    return any(s.state in ("failed", "canceled", "not_found") for s in statuses)
+
+
 # ---------------------------------------------------------------------- commands
 def _client(settings: Settings):
     from producer.client import Client
@@ -114,7 +134,7 @@ def _request_fields(args) -> dict[str, Any]:
         for pair in args.metadata:
             key, sep, value = pair.partition("=")
             if not sep or not key:
-                raise CommandError(f"--metadata {pair!r}: expected KEY=VALUE")
+                raise UsageError(f"--metadata {pair!r}: expected KEY=VALUE")
             metadata[key] = value
         fields["metadata"] = metadata
     return fields
@@ -123,14 +143,14 @@ def _request_fields(args) -> dict[str, Any]:
 def cmd_enqueue(args, settings: Settings) -> int:
     modes = [m for m in (args.uri, args.manifest, args.prefix) if m]
     if len(modes) != 1:
-        raise CommandError("give exactly one of: an audio URI, --manifest FILE, --prefix s3://bucket/prefix/")
+        raise UsageError("give exactly one of: an audio URI, --manifest FILE, --prefix s3://bucket/prefix/")
     fields = _request_fields(args)
     if args.job_id and not args.uri:
-        raise CommandError("--job-id only goes with a single audio URI")
+        raise UsageError("--job-id only goes with a single audio URI")
     if args.all and not args.prefix:
-        raise CommandError("--all only goes with --prefix")
+        raise UsageError("--all only goes with --prefix")
     if args.manifest and fields:
-        raise CommandError("request flags do not apply to --manifest: put the fields in its rows")
+        raise UsageError("request flags do not apply to --manifest: put the fields in its rows")
     client = _client(settings)
     bar: ProgressLine | None = None
 
@@ -169,7 +189,8 @@ def cmd_enqueue(args, settings: Settings) -> int:
 def cmd_status(args, settings: Settings) -> int:
     statuses = _client(settings).status_many(args.ids)
     _print_statuses(statuses, args.json)
-    return _unknown(statuses)
+    _unknown(statuses)
+    return EXIT_JOB_FAILED if _any_failed(statuses) else EXIT_OK
 
 
 def cmd_wait(args, settings: Settings) -> int:
@@ -250,7 +271,9 @@ def cmd_cancel(args, settings: Settings) -> int:
 
 def cmd_requeue(args, settings: Settings) -> int:
     if bool(args.ids) == args.all_failed:
-        raise CommandError("give job ids or --all-failed")
+        raise UsageError("give job ids or --all-failed")
+    if args.queue and not args.all_failed:
+        raise UsageError("--queue only goes with --all-failed")
     client = _client(settings)
     outcomes = client.requeue(args.ids or None, all_failed=args.all_failed, queue=args.queue)
     return _print_actions(outcomes, args.json)
@@ -297,25 +320,58 @@ def _import_worker(module: str, name: str) -> Callable:
         raise CommandError(f"cannot load the worker ({exc}); it needs: pip install 'audioq[worker]'") from None
 
 
+def _callee_code(rc: int | None) -> int:
+    """The CLI's exit code for what ``run_worker``/``run_transcribe`` returned.
+
+    They return 0 (done), 1 (``transcribe``: a file failed), or "could not run" (no model,
+    or it cannot be loaded): 3 from ``run_transcribe`` (its ``CANNOT_RUN``), 2 from
+    ``run_worker`` so far. Both become 3 here, where 2 means a wrong command line or a
+    ``wait`` timeout; anything else unexpected is 3 as well.
+    """
+    if rc is None:
+        return EXIT_OK
+    return rc if rc in (EXIT_OK, EXIT_JOB_FAILED) else EXIT_ERROR
+
+
 def cmd_worker(args, settings: Settings) -> int:
     run_worker = _import_worker("worker.process", "run_worker")
-    rc = run_worker(_worker_settings(args, settings), queues=args.queue or list(settings.queues),
-                    burst=args.burst, max_jobs=args.max_jobs, name=args.name)
-    return rc if isinstance(rc, int) else EXIT_OK
+    return _callee_code(run_worker(_worker_settings(args, settings), queues=args.queue or list(settings.queues),
+                                   burst=args.burst, max_jobs=args.max_jobs, name=args.name))
 
 
 def cmd_transcribe(args, settings: Settings) -> int:
     run_transcribe = _import_worker("worker.transcribe", "run_transcribe")
-    rc = run_transcribe(args.files, model=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-                        as_json=args.json, settings=_worker_settings(args, settings))
-    return rc if isinstance(rc, int) else EXIT_OK
+    return _callee_code(run_transcribe(args.files, model=args.model, prompt=args.prompt,
+                                       max_new_tokens=args.max_new_tokens, as_json=args.json,
+                                       settings=_worker_settings(args, settings)))
 
 
 # ------------------------------------------------------------------------ parser
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, not {text}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text}")
+    return value
+
+
+def _non_negative_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {text}")
     return value
 
 
@@ -357,8 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("wait", cmd_wait, "block until jobs are done (exit 0 all finished, 1 any failed, 2 timeout)")
     p.add_argument("ids", nargs="+", metavar="ID")
-    p.add_argument("--timeout", type=float, metavar="S")
-    p.add_argument("--poll", type=float, default=1.0, metavar="S", help="seconds between checks (default 1)")
+    p.add_argument("--timeout", type=_non_negative_seconds, metavar="S")
+    p.add_argument("--poll", type=_positive_seconds, default=1.0, metavar="S",
+                   help="seconds between checks (default 1)")
 
     p = command("results", cmd_results, "print transcripts (text) or results and failures (json)")
     p.add_argument("ids", nargs="+", metavar="ID")
@@ -369,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "canceled"))
     p.add_argument("--queue")
     p.add_argument("--limit", type=_positive_int, default=100)
-    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--offset", type=_non_negative_int, default=0)
 
     p = command("cancel", cmd_cancel, "cancel jobs (running ones stop at the worker's next stage)")
     p.add_argument("ids", nargs="+", metavar="ID")
@@ -440,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("AUDIOQ_DEBUG"):
             raise
         _say(_error_message(exc, settings))
-        return EXIT_ERROR
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
 
 
 if __name__ == "__main__":

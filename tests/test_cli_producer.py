@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,8 +74,6 @@ def test_enqueue_invalid_request_is_one_line_error(cli, redis_conn):
     assert err.count("\n") == 1 and "needs prompt" in err and "Traceback" not in err
     code, _, err = cli("enqueue", "s3://audio/a.wav", "--job-id", "bad/id")
     assert code == 3 and "job id" in err
-    code, _, err = cli("enqueue")
-    assert code == 3 and "exactly one" in err
     assert redis_conn.dbsize() == 0
 
 
@@ -177,7 +176,7 @@ def test_requeue_all_failed(cli, client, engine, capsys, tmp_path):
     assert client.status(failed).failure.code == "audio_not_found"
     code, out, _ = cli("requeue", "--all-failed")
     assert code == 0 and out.split()[:2] == [failed, "requeued"]
-    assert cli("requeue")[0] == 3
+    assert cli("requeue")[0] == 2  # bad usage
     write_wav(late, make_tone(1.0))  # the missing file arrives: the requeued job now runs through
     run_burst(client.settings, engine)
     capsys.readouterr()
@@ -189,6 +188,95 @@ def test_usage_errors_return_2(capsys):
     assert main(["enqueue", "s3://audio/a.wav", "--priority", "urgent"]) == 2
     assert main(["--help"]) == 0
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["wait", "aq-x", "--poll", "0"], "--poll: must be a number of seconds > 0, not 0"),
+    (["wait", "aq-x", "--poll", "-1"], "--poll: must be a number of seconds > 0, not -1"),
+    (["wait", "aq-x", "--poll", "nan"], "--poll: must be a number of seconds > 0, not nan"),
+    (["wait", "aq-x", "--timeout", "-5"], "--timeout: must be a number of seconds >= 0, not -5"),
+    (["list", "--offset", "-1"], "--offset: must be a whole number >= 0, not -1"),
+    (["list", "--limit", "0"], "--limit: must be a whole number >= 1, not 0"),
+])
+def test_out_of_range_numbers_are_usage_errors(args, message, capsys):
+    """Before: --poll 0 busy-looped on Redis, --offset -1 sliced from the end of the page."""
+    assert main(args) == 2  # refused before Redis is reached: no --redis-url needed
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["enqueue"], "give exactly one of"),
+    (["enqueue", "s3://audio/a.wav", "--manifest", "m.jsonl"], "give exactly one of"),
+    (["enqueue", "--manifest", "m.jsonl", "--job-id", "x"], "--job-id only goes with a single audio URI"),
+    (["enqueue", "s3://audio/a.wav", "--all"], "--all only goes with --prefix"),
+    (["enqueue", "--manifest", "m.jsonl", "--language", "en"], "request flags do not apply to --manifest"),
+    (["enqueue", "s3://audio/a.wav", "--metadata", "novalue"], "expected KEY=VALUE"),
+    (["requeue"], "give job ids or --all-failed"),
+    (["requeue", "aq-x", "--all-failed"], "give job ids or --all-failed"),
+    (["requeue", "aq-x", "--queue", "low"], "--queue only goes with --all-failed"),
+])
+def test_options_that_do_not_go_together_exit_2(cli, redis_conn, args, message):
+    code, out, err = cli(*args)
+    assert (code, out) == (2, "") and err.startswith("audioq: ") and message in err
+    assert err.count("\n") == 1
+    assert redis_conn.dbsize() == 0
+
+
+def test_exit_codes_of_every_job_verb(cli, client, engine, capsys, tmp_path):
+    """0 ok, 1 a job failed / was canceled / is unknown, whatever the verb that names jobs."""
+    done, failed = run_jobs(client, engine, capsys, write_wav(tmp_path / "a.wav", make_tone(1.0)),
+                            tmp_path / "missing.wav")
+    queued = client.enqueue({"audio_uri": "s3://audio/q.wav"}).job_id
+    canceled = client.enqueue({"audio_uri": "s3://audio/c.wav"}).job_id
+    client.cancel(canceled)
+    assert [cli("status", job_id)[0] for job_id in (done, queued, failed, canceled, "aq-missing")] == [0, 0, 1, 1, 1]
+    assert cli("status", done, queued)[0] == 0 and cli("status", done, failed)[0] == 1
+    assert [cli("results", job_id)[0] for job_id in (done, queued, failed, canceled, "aq-missing")] == [0, 1, 1, 1, 1]
+    assert [cli("wait", job_id, "--timeout", "5")[0] for job_id in (done, failed, canceled, "aq-missing")] == \
+        [0, 1, 1, 1]
+    assert cli("wait", queued, "--timeout", "0")[0] == 2
+    assert [cli("cancel", job_id)[0] for job_id in (done, "aq-missing")] == [0, 1]
+    assert [cli("requeue", job_id)[0] for job_id in (done, "aq-missing")] == [0, 1]
+    assert cli("list")[0] == 0 and cli("info")[0] == 0
+
+
+def test_worker_and_transcribe_that_cannot_load_a_model_exit_3(cli, monkeypatch, tmp_path):
+    """``run_worker``/``run_transcribe`` say "could not run" with 2; the CLI's code for it is 3."""
+    monkeypatch.delenv("AUDIOQ_MODEL", raising=False)
+    empty = tmp_path / "not-a-checkpoint"
+    empty.mkdir()
+    wav = write_wav(tmp_path / "a.wav", make_tone(0.5))
+    assert cli("worker", "--burst")[0] == 3  # no model configured
+    assert cli("worker", "--burst", "--model", str(empty))[0] == 3
+    assert cli("transcribe", str(wav))[0] == 3
+    assert cli("transcribe", str(wav), "--model", str(empty))[0] == 3
+
+
+def test_callee_codes_map_onto_the_cli_convention():
+    from producer.cli import _callee_code
+
+    assert [_callee_code(rc) for rc in (None, 0, 1, 2, 3, 70)] == [0, 0, 1, 3, 3, 3]
+
+
+def test_inconsistent_settings_are_one_line_exit_3(cli, monkeypatch):
+    monkeypatch.setenv("AUDIOQ_DEFAULT_QUEUE", "normal")
+    code, out, err = cli("info")
+    assert (code, out) == (3, "") and err.count("\n") == 1
+    assert err.startswith("audioq: invalid settings: default_queue 'normal' is not one of queues "
+                          "(high, default, low): no worker would read it")
+
+
+def test_unknown_audioq_variable_is_warned_about_on_stderr(redis_url):
+    """A real ``audioq`` process (no test logging set up): a misspelt variable gets one line."""
+    env = dict(os.environ, AUDIOQ_QUEUS="high,low", AUDIOQ_DEBUG="", AUDIOQ_TEST_ANYTHING="1")
+    env.pop("AUDIOQ_CONFIG", None)
+    done = subprocess.run([sys.executable, "-m", "producer", "--redis-url", redis_url, "info", "--json"],
+                          capture_output=True, text=True, timeout=60, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ("audioq: ignoring unknown environment variable AUDIOQ_QUEUS "
+                           "(did you mean AUDIOQ_QUEUES?)\n")
+    assert [q["name"] for q in json.loads(done.stdout)["queues"]] == ["high", "default", "low"]
 
 
 def test_unreachable_redis_is_one_line(capsys):
