@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import time
 
 import pytest
@@ -11,7 +13,7 @@ from worker_fixtures import WEED_KEY, WEED_SECRET, closed_endpoint, seaweedfs  #
 from producer.failures import AudioqError, FailureCode
 from producer.schema import JobResult, Segment
 from producer.settings import Settings
-from worker.storage import fetched_audio, write_outputs
+from worker.storage import check_output, fetched_audio, output_uris, write_outputs
 
 
 @pytest.fixture
@@ -122,10 +124,19 @@ def test_file_over_the_size_limit_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------ outputs
+def output_fails(code: FailureCode, action) -> str:
+    with pytest.raises(AudioqError) as info:
+        action()
+    assert info.value.code == code, info.value
+    return info.value.message
+
+
 def test_outputs_are_written_to_s3(s3_bucket, settings):
     client, bucket = s3_bucket
-    uris = write_outputs(f"s3://{bucket}/out/", "job-1", result(), settings)
-    assert uris == [f"s3://{bucket}/out/job-1.json", f"s3://{bucket}/out/job-1.txt"]
+    check_output(f"s3://{bucket}/out/", settings)
+    write_outputs(f"s3://{bucket}/out/", "job-1", result(), settings)
+    assert output_uris(f"s3://{bucket}/out/", "job-1") == (f"s3://{bucket}/out/job-1.json",
+                                                          f"s3://{bucket}/out/job-1.txt")
     body = json.loads(client.get_object(Bucket=bucket, Key="out/job-1.json")["Body"].read())
     assert body["text"] == "hello there" and body["audio_tokens"] == 25
     txt = client.get_object(Bucket=bucket, Key="out/job-1.txt")
@@ -133,15 +144,53 @@ def test_outputs_are_written_to_s3(s3_bucket, settings):
 
 
 def test_outputs_are_written_to_files(tmp_path):
-    uris = write_outputs((tmp_path / "out" / "deeper").as_uri(), "job-2", result("hi"), Settings())
+    prefix = (tmp_path / "out" / "deeper").as_uri()
+    check_output(prefix, Settings())
+    write_outputs(prefix, "job-2", result("hi"), Settings())
     assert json.loads((tmp_path / "out" / "deeper" / "job-2.json").read_text())["text"] == "hi"
     assert (tmp_path / "out" / "deeper" / "job-2.txt").read_text() == "hi\n"
     assert sorted(p.name for p in (tmp_path / "out" / "deeper").iterdir()) == ["job-2.json", "job-2.txt"]
-    assert uris[0].endswith("/out/deeper/job-2.json")
 
 
-def test_output_to_a_missing_bucket_is_audio_not_found(s3_env, settings):
-    with pytest.raises(AudioqError) as info:
-        write_outputs("s3://no-such-out-bucket/x", "job-3", result(), settings)
-    assert info.value.code == FailureCode.AUDIO_NOT_FOUND
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_output_files_get_the_usual_mode_under_the_umask(tmp_path, umask, mode):
+    """Not mkstemp's 0600: whoever reads the outputs is rarely the worker's own user."""
+    previous = os.umask(umask)
+    try:
+        write_outputs(tmp_path.as_uri(), "job-4", result(), Settings())
+    finally:
+        os.umask(previous)
+    for name in ("job-4.json", "job-4.txt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode
 
+
+def test_output_to_a_missing_bucket_is_invalid_request_before_and_when_writing(s3_env, settings):
+    for action in (lambda: check_output("s3://no-such-out-bucket/x", settings),
+                   lambda: write_outputs("s3://no-such-out-bucket/x", "job-3", result(), settings)):
+        message = output_fails(FailureCode.INVALID_REQUEST, action)
+        assert "bucket 'no-such-out-bucket' does not exist" in message
+
+
+def test_output_check_with_storage_down_is_storage_unavailable(settings):
+    output_fails(FailureCode.STORAGE_UNAVAILABLE, lambda: check_output(
+        "s3://audio/out", settings.model_copy(update={"s3_endpoint_url": closed_endpoint()})))
+
+
+def test_output_under_a_regular_file_is_invalid_request(tmp_path):
+    (tmp_path / "taken").write_text("a file, not a directory")
+    prefix = (tmp_path / "taken" / "out").as_uri()
+    message = output_fails(FailureCode.INVALID_REQUEST, lambda: check_output(prefix, Settings()))
+    assert "cannot hold outputs" in message
+    output_fails(FailureCode.INVALID_REQUEST, lambda: write_outputs(prefix, "job-5", result(), Settings()))
+    assert list(tmp_path.iterdir()) == [tmp_path / "taken"]
+
+
+def test_a_refused_head_bucket_is_not_taken_as_a_refused_write(seaweedfs, monkeypatch):  # noqa: F811
+    """HeadBucket needs ListBucket, which a write-only role may lack: only the write itself can tell."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", WEED_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    settings = Settings(s3_endpoint_url=seaweedfs, s3_region="us-east-1")
+    check_output("s3://audio/out", settings)  # the HEAD was refused (403): no verdict
+    message = output_fails(FailureCode.ACCESS_DENIED, lambda: write_outputs("s3://audio/out", "job-6", result(),
+                                                                            settings))
+    assert "check this worker's credentials" in message

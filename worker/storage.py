@@ -7,11 +7,23 @@ checked twice: from HEAD before any byte is read, and while streaming (a HEAD ca
 missing or stale). Storage errors become the failure codes a producer can act on:
 ``audio_not_found``, ``access_denied``, ``audio_too_large``, and ``storage_unavailable``
 for what may pass (connection refused, timeouts, 5xx, throttling), which the job retries.
+
+Outputs: ``check_output`` runs before the audio is fetched, so a job whose output location
+cannot exist fails at once rather than after the model ran. A missing bucket, a bucket name
+S3 rejects, or a ``file://`` prefix that is (or lies under) a non-directory is
+``invalid_request`` (the request names a place that cannot hold outputs); a location this
+worker may not write is ``access_denied``, as for audio it may not read (the fix is the
+worker's credentials or permissions, not the request). For S3 the check is a HEAD of the
+bucket: it proves the bucket exists, not that PutObject is allowed, and a 403 from it is
+not conclusive (HeadBucket needs ListBucket, which a write-only role may lack), so a
+refused write still surfaces, as ``access_denied``, when the outputs are written.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,8 +81,12 @@ def _too_large(uri: str, size: int | None, limit: int) -> AudioqError:
                        f"{uri} {found}; this worker accepts at most {_mb(limit)} (max_audio_bytes)")
 
 
-def storage_error(exc: Exception, uri: str, client=None) -> AudioqError:
-    """Map a boto3/botocore exception raised for ``uri`` to a failure code and message."""
+def storage_error(exc: Exception, uri: str, client=None, writing: bool = False) -> AudioqError:
+    """Map a boto3/botocore exception raised for ``uri`` to a failure code and message.
+
+    ``writing``: ``uri`` is an output, so a missing bucket is the request's fault
+    (``invalid_request``), not missing audio.
+    """
     if isinstance(exc, boto_errors.ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
@@ -78,6 +94,9 @@ def storage_error(exc: Exception, uri: str, client=None) -> AudioqError:
         detail = f"{code}: {error['Message']}" if error.get("Message") else code
         if code in _TRANSIENT or status >= 500 or status == 429:
             return AudioqError(FailureCode.STORAGE_UNAVAILABLE, f"storage answered {detail} for {uri}")
+        if writing and (code in _NOT_FOUND or status == 404):
+            return AudioqError(FailureCode.INVALID_REQUEST,
+                               f"cannot write outputs to {uri}: bucket {split_s3(uri)[0]!r} does not exist")
         if code in _NOT_FOUND or status == 404:
             return AudioqError(FailureCode.AUDIO_NOT_FOUND, _not_found_message(uri, client))
         if code in _DENIED or status == 403:
@@ -165,38 +184,86 @@ def output_uris(output_uri_prefix: str, job_id: str) -> tuple[str, str]:
     return f"{base}.json", f"{base}.txt"
 
 
-def write_outputs(output_uri_prefix: str, job_id: str, result: JobResult, settings: Settings) -> list[str]:
-    """Write ``<prefix>/<job_id>.json`` (the whole result) and ``.txt`` (its text)."""
+def check_output(output_uri_prefix: str, settings: Settings) -> None:
+    """Fail now if ``output_uri_prefix`` cannot receive outputs (see the module's docstring)."""
+    if urlparse(output_uri_prefix).scheme == "file":
+        path = file_path(output_uri_prefix)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "not writable", str(path))
+        except OSError as exc:
+            raise _local_write_error(output_uri_prefix, exc) from None
+        return
+    bucket, _ = split_s3(output_uri_prefix)
+    client = None
+    try:
+        client = s3_client(settings)
+        client.head_bucket(Bucket=bucket)
+    except (boto_errors.BotoCoreError, boto_errors.ClientError) as exc:
+        error = storage_error(exc, output_uri_prefix, client, writing=True)
+        # A refused HEAD proves nothing about PutObject; the write itself will tell.
+        inconclusive = isinstance(exc, boto_errors.ClientError) and error.code == FailureCode.ACCESS_DENIED
+        if not inconclusive:
+            raise error from None
+
+
+def write_outputs(output_uri_prefix: str, job_id: str, result: JobResult, settings: Settings) -> None:
+    """Write ``output_uris``: ``<prefix>/<job_id>.json`` (the whole result) and ``.txt`` (its text)."""
     json_uri, text_uri = output_uris(output_uri_prefix, job_id)
     files = [(json_uri, result.model_dump_json(indent=2).encode(), "application/json"),
              (text_uri, (result.text + "\n").encode(), "text/plain; charset=utf-8")]
     if urlparse(output_uri_prefix).scheme == "file":
         for uri, data, _ in files:
             _write_local(uri, data)
-    else:
-        client = None
-        for uri, data, content_type in files:
-            try:
-                client = client or s3_client(settings)
-                bucket, key = split_s3(uri)
-                client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
-            except (boto_errors.BotoCoreError, boto_errors.ClientError) as exc:
-                raise storage_error(exc, uri, client) from None
-    return [json_uri, text_uri]
+        return
+    client = None
+    for uri, data, content_type in files:
+        try:
+            client = client or s3_client(settings)
+            bucket, key = split_s3(uri)
+            client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+        except (boto_errors.BotoCoreError, boto_errors.ClientError) as exc:
+            raise storage_error(exc, uri, client, writing=True) from None
+
+
+# errno values of a local write that name a path which cannot hold a file: the request's fault.
+_BAD_PATH = {errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def _local_write_error(uri: str, exc: OSError) -> AudioqError:
+    """A ``file://`` write's OSError as a failure: denied, a bad path, or (disk full, I/O) retryable."""
+    reason = exc.strerror or type(exc).__name__
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return AudioqError(FailureCode.ACCESS_DENIED, f"{uri}: this worker may not write there ({reason})")
+    if exc.errno in _BAD_PATH:
+        return AudioqError(FailureCode.INVALID_REQUEST,
+                           f"{uri} cannot hold outputs: {reason} ({exc.filename or uri})")
+    return AudioqError(FailureCode.STORAGE_UNAVAILABLE, f"cannot write {uri} on this worker: {reason}")
 
 
 def _write_local(uri: str, data: bytes) -> None:
-    """Write through a temporary sibling and rename, so readers never see half a file."""
+    """Write through a temporary sibling and rename, so readers never see half a file.
+
+    The sibling is created with mode 0666 less the umask, like any file the worker writes
+    (``mkstemp`` would leave it, and so the output, 0600).
+    """
     path = file_path(uri)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    except PermissionError:
-        raise AudioqError(FailureCode.ACCESS_DENIED, f"{uri}: this worker may not write there") from None
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        while True:
+            tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                break
+            except FileExistsError:
+                continue
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise _local_write_error(uri, exc) from None

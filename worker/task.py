@@ -12,6 +12,8 @@ Policy choices:
   rather than clamped: a silently shortened transcript looks like a complete one.
 - ``storage_unavailable`` is retried ``settings.storage_retries`` times with
   ``storage_retry_backoff``; every other failure is final for this attempt.
+- The output location is checked before the audio is fetched (``storage.check_output``),
+  so a job that could never deliver its result fails before the model runs.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from worker.audio import SAMPLE_RATE, decode_audio
 from worker.gemma4.engine import ClipOutput, ClipRequest, Engine
 from worker.instructions import instruction_for
 from worker.lifecycle import JobRun
-from worker.storage import fetched_audio, output_uris, write_outputs
+from worker.storage import check_output, fetched_audio, output_uris, write_outputs
 
 
 @dataclass
@@ -90,8 +92,10 @@ def token_budget(request: JobRequest, settings: Settings) -> int:
 
 
 def prepare(run: JobRun, request: JobRequest, home: Resident) -> Prepared:
-    """Fetch and decode one job's audio into an engine clip."""
+    """Check the output location, then fetch and decode one job's audio into an engine clip."""
     budget = token_budget(request, home.settings)
+    if request.output_uri:
+        check_output(request.output_uri, home.settings)
     timings = {}
     run.stage("fetch")
     started = time.perf_counter()
