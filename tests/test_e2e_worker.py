@@ -60,8 +60,8 @@ def test_run_worker_loads_the_model_once_and_drains_good_and_bad_jobs(redis_url,
                                                                       tmp_path):
     good = write_wav(tmp_path / "good.wav", make_tone(1.0))
     (tmp_path / "bad.wav").write_text("not audio")
-    jobs = [enqueue(redis_conn, {"audio_uri": uri, "max_new_tokens": 8})
-            for uri in (good.as_uri(), (tmp_path / "bad.wav").as_uri(), good.as_uri())]
+    jobs = [enqueue(redis_conn, {"audio_uri": uri, "max_new_tokens": 8}, job_id=f"job-{n}")
+            for n, uri in enumerate((good.as_uri(), (tmp_path / "bad.wav").as_uri(), good.as_uri()))]
     settings = worker_settings(redis_url, model=str(tiny_checkpoint()))
     worker = start_worker(settings, tmp_path / "worker.log", burst=True)
     assert worker.wait(timeout=120) == 0

@@ -18,7 +18,6 @@ def test_audioq_errors_pass_through_unchanged():
 @pytest.mark.parametrize("exc,code", [
     (JobTimeoutException("Task exceeded maximum timeout value (61 seconds)"), FailureCode.TIMEOUT),
     (DeserializationError(), FailureCode.INVALID_REQUEST),
-    (SystemExit(), FailureCode.WORKER_LOST),
     (MemoryError(), FailureCode.MODEL_ERROR),
     (ValueError("shapes (3,) and (4,) do not broadcast"), FailureCode.MODEL_ERROR),
 ])

@@ -6,15 +6,15 @@ recorded failure and that the side effect the job asked for did not happen.
 
 from __future__ import annotations
 
+import logging
 import pickle
 
 import pytest
 from conftest import make_tone
 from rq import Queue
 from rq.job import Callback, Job
-from rq.serializers import JSONSerializer
-from worker_fixtures import (MARK_ENV, PickleBomb, enqueue, failure_code, fetch, run_burst, worker_settings,
-                             write_wav)
+from worker_fixtures import (MARK_ENV, PickleBomb, enqueue, enqueue_raw, failure_code, fetch,  # noqa: F401
+                             redis_proxy, run_burst, worker_settings, write_wav)
 
 from producer import record
 
@@ -32,18 +32,25 @@ def good_request(tmp_path):
 
 
 def json_queue(redis_conn, name="default") -> Queue:
-    return Queue(name, connection=redis_conn, serializer=JSONSerializer)
+    return Queue(name, connection=redis_conn, serializer=record.SERIALIZER)
 
 
-def test_a_job_naming_os_system_is_failed_not_run(redis_url, redis_conn, engine, mark, good_request):
+def test_a_job_naming_os_system_is_failed_not_run(redis_url, redis_conn, engine, mark, good_request, caplog):
     crafted = json_queue(redis_conn).enqueue("os.system", f"touch {mark}")
     good = enqueue(redis_conn, good_request)
-    run_burst(worker_settings(redis_url), engine)
+    with caplog.at_level(logging.INFO):
+        run_burst(worker_settings(redis_url), engine)
     crafted = fetch(redis_conn, crafted.id)
     assert not mark.exists()
     assert crafted.get_status() == "failed" and failure_code(crafted) == "invalid_request"
-    assert "'os.system' is not allowed" in crafted.get_meta()[record.META_FAILURE]["message"]
+    message = crafted.get_meta()[record.META_FAILURE]["message"]
+    assert "'os.system' is not allowed" in message
+    assert crafted.latest_result().exc_string == f"invalid_request: {message}"
     assert fetch(redis_conn, good.id).get_status() == "finished"  # the worker kept going
+    # An expected refusal: one warning line naming the job and the reason, no traceback.
+    about = [r for r in caplog.records if crafted.id in r.getMessage() and r.levelno >= logging.WARNING]
+    assert len(about) == 1 and "invalid_request" in about[0].getMessage(), [r.getMessage() for r in about]
+    assert not any("Traceback" in r.getMessage() or r.exc_info for r in caplog.records)
 
 
 @pytest.mark.parametrize("hook", ["on_success", "on_failure", "on_stopped"])
@@ -85,7 +92,7 @@ def test_a_job_with_extra_arguments_is_refused(redis_url, redis_conn, engine, go
 ])
 def test_a_bad_request_dict_written_past_the_producer_is_invalid_request(redis_url, redis_conn, engine,
                                                                         request_dict, says):
-    job = enqueue(redis_conn, request_dict)
+    job = enqueue_raw(redis_conn, request_dict)
     run_burst(worker_settings(redis_url), engine)
     job = fetch(redis_conn, job.id)
     failure = job.get_meta()[record.META_FAILURE]
@@ -96,12 +103,44 @@ def test_a_bad_request_dict_written_past_the_producer_is_invalid_request(redis_u
 
 def test_a_job_record_rq_cannot_parse_is_failed_and_the_worker_goes_on(redis_url, redis_conn, engine, good_request):
     """Without this, RQ's worker quits on the first malformed hash ("unhandled exception")."""
-    crafted = json_queue(redis_conn).enqueue(record.TASK_FUNC, good_request)
+    crafted = enqueue(redis_conn, good_request)
     redis_conn.hset(crafted.key, "status", "no-such-status")
+    good = enqueue(redis_conn, {**good_request, "max_new_tokens": 4})
+    settings = worker_settings(redis_url)
+    run_burst(settings, engine)
+    assert fetch(redis_conn, good.id).get_status() == "finished"
+    crafted = fetch(redis_conn, crafted.id)
+    meta = crafted.get_meta()
+    assert crafted.get_status() == "failed" and failure_code(crafted) == "invalid_request"
+    assert "'no-such-status' is not a valid JobStatus" in meta[record.META_FAILURE]["message"]
+    assert meta[record.META_REQUEST]["audio_uri"] == good_request["audio_uri"]  # the failure is merged into the meta, not written over it
+    assert crafted.id in crafted.failed_job_registry
+    assert 0 < redis_conn.ttl(crafted.key) <= settings.failure_ttl  # and expires like any failed job
+
+
+def test_a_key_that_is_not_a_job_hash_is_dropped_and_the_worker_goes_on(redis_url, redis_conn, engine,
+                                                                       good_request):
+    redis_conn.set(Job.key_for("not-a-hash"), "some string")
+    Queue("default", connection=redis_conn).push_job_id("not-a-hash")
     good = enqueue(redis_conn, good_request)
     run_burst(worker_settings(redis_url), engine)
     assert fetch(redis_conn, good.id).get_status() == "finished"
-    crafted = fetch(redis_conn, crafted.id)
-    assert crafted.get_status() == "failed" and failure_code(crafted) == "invalid_request"
-    assert "'no-such-status' is not a valid JobStatus" in crafted.get_meta()[record.META_FAILURE]["message"]
-    assert crafted.id in crafted.failed_job_registry
+    assert redis_conn.get(Job.key_for("not-a-hash")) == b"some string"
+    assert not Queue("default", connection=redis_conn).get_job_ids()
+
+
+def test_redis_failing_while_a_job_is_read_leaves_the_job_queued_not_failed(redis_url, redis_conn, engine,
+                                                                           good_request, redis_proxy):  # noqa: F811
+    """RQ tags every error raised while reading a dequeued job, Redis's own included, after the
+    job id left its queue: a lost connection there is Redis failing, not the job, which must
+    stay queued, back at the front, and then run."""
+    job = enqueue(redis_conn, good_request)
+    behind = enqueue(redis_conn, {**good_request, "max_new_tokens": 4})
+    redis_proxy.cut("HGETALL", job.key)  # the worker's first read of this job's hash loses its connection
+    run_burst(worker_settings(redis_proxy.url()), engine)  # RQ waits a second and dequeues again
+    assert redis_proxy.cuts == 1
+    job = fetch(redis_conn, job.id)
+    assert job.get_status() == "finished" and job.get_meta()[record.META_ATTEMPT] == 1
+    assert job.id not in job.failed_job_registry
+    assert fetch(redis_conn, behind.id).get_status() == "finished"
+    assert job.started_at < fetch(redis_conn, behind.id).started_at  # it went back to the front

@@ -228,6 +228,33 @@ def test_wrong_storage_credentials_fail_as_access_denied(redis_url, redis_conn, 
     assert fetch(redis_conn, good.id).get_status() == "finished"
 
 
+@pytest.mark.parametrize("output,says", [
+    (lambda tmp, bucket: "s3://no-such-out-bucket/results", "bucket 'no-such-out-bucket' does not exist"),
+    (lambda tmp, bucket: (tmp / "taken" / "out").as_uri(), "cannot hold outputs"),
+])
+def test_an_output_location_that_cannot_exist_fails_the_job_before_its_audio_is_fetched(
+        redis_url, redis_conn, engine, s3_bucket, tmp_path, output, says):
+    client, bucket = s3_bucket
+    (tmp_path / "taken").write_text("a file, not a directory")
+    # The audio is missing too: fetching it first would fail as audio_not_found instead.
+    job = enqueue(redis_conn, {"audio_uri": f"s3://{bucket}/missing.wav", "output_uri": output(tmp_path, bucket)})
+    run_burst(worker_settings(redis_url, s3_endpoint_url=client.meta.endpoint_url, s3_region="us-east-1"), engine)
+    job = fetch(redis_conn, job.id)
+    failure = job.get_meta()[record.META_FAILURE]
+    assert job.get_status() == "failed" and failure["code"] == "invalid_request" and says in failure["message"]
+    assert job.get_meta()[record.META_PROGRESS]["stage"] == "claimed"
+
+
+def test_outputs_refused_by_storage_fail_as_access_denied(redis_url, redis_conn, engine, seaweedfs,  # noqa: F811
+                                                          monkeypatch, wav):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", WEED_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    job = enqueue(redis_conn, {"audio_uri": wav.as_uri(), "output_uri": "s3://audio/out"})
+    run_burst(worker_settings(redis_url, s3_endpoint_url=seaweedfs, s3_region="us-east-1"), engine)
+    job = fetch(redis_conn, job.id)
+    assert failure_code(job) == "access_denied" and job.get_meta()[record.META_PROGRESS]["stage"] == "write"
+
+
 def test_max_new_tokens_over_the_limit_is_refused_not_clamped(redis_url, redis_conn, engine, wav):
     job = run_one(redis_url, redis_conn, engine, {"audio_uri": wav.as_uri(), "max_new_tokens": 5000})
     assert failure_code(job) == "invalid_request"
@@ -244,6 +271,24 @@ def test_a_job_past_its_audio_derived_budget_times_out_while_generating(redis_ur
     assert failure["code"] == "timeout" and "at stage generate" in failure["message"]
     assert "budget of 1.0 s" in failure["message"] and "2.0 s of audio" in failure["message"]
     assert elapsed < 5  # stopped at its deadline, not after the whole budget
+
+
+def test_rqs_hard_time_limit_fires_during_generation_and_records_timeout(redis_url, redis_conn, engine, long_wav):
+    """The backstop behind the cooperative deadline, for real: RQ's SIGALRM (job timeout =
+    settings.hard_timeout, here forced to 2 s) interrupts the engine mid-generation."""
+    settings = worker_settings(redis_url, test_hard_timeout=2, lost_after=2.0)
+    assert settings.job_budget(2.0) > 60  # the cooperative deadline is far away
+    job = enqueue(redis_conn, {"audio_uri": long_wav.as_uri(), "max_new_tokens": 2048}, settings=settings)
+    assert job.timeout == settings.hard_timeout == 2  # what the producer wrote
+    started = time.monotonic()
+    run_burst(settings, engine)
+    elapsed = time.monotonic() - started
+    job = fetch(redis_conn, job.id)
+    failure = job.get_meta()[record.META_FAILURE]
+    assert job.get_status() == "failed" and failure["code"] == "timeout"
+    assert "hard time limit" in failure["message"] and record.META_LOST not in job.get_meta()
+    assert job.get_meta()[record.META_PROGRESS]["stage"] == "generate"
+    assert 2.0 <= (job.ended_at - job.started_at).total_seconds() and elapsed < 2.0 + 4.0
 
 
 def test_the_budget_grows_with_the_audio_length(redis_url, redis_conn, engine, long_wav):
@@ -284,8 +329,8 @@ def test_a_running_job_is_canceled_during_generation(redis_url, redis_conn, engi
 
 
 def test_queues_are_served_highest_priority_first(redis_url, redis_conn, engine, wav):
-    jobs = [enqueue(redis_conn, {"audio_uri": wav.as_uri(), "metadata": {"q": q}}, queue=q)
-            for q in ("low", "default", "high", "default")]
+    jobs = [enqueue(redis_conn, {"audio_uri": wav.as_uri(), "metadata": {"q": q}}, queue=q, job_id=f"job-{n}")
+            for n, q in enumerate(("low", "default", "high", "default"))]
     run_burst(worker_settings(redis_url), engine)
     started = sorted((fetch(redis_conn, job.id).started_at, job.origin) for job in jobs)
     assert [origin for _, origin in started] == ["high", "default", "default", "low"]

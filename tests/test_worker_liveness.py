@@ -8,28 +8,48 @@ finish assert it generated the full budget. When a test needs two workers, both 
 before the job is enqueued, and the one that takes it is signalled as soon as the job is
 generating, so the budget need not cover a second worker's start-up.
 
-Liveness times are scaled down (heartbeat 0.2 s, lost after 1 s); with the defaults (15 s,
+Liveness times are scaled down (heartbeat 0.2 s, lost after 2 s); with the defaults (15 s,
 60 s) the same mechanism resolves a lost job within lost_after + heartbeat_interval = 75 s.
+Time bounds derive from the settings, with a second of slack for two busy cores.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import time
 from datetime import datetime, timezone
 
 import pytest
-from rq import SimpleWorker
-from worker_fixtures import enqueue, fetch, long_tone, start_worker, wait_for, worker_settings
+import redis
+from conftest import make_tone
+from rq import Queue, SimpleWorker
+from worker_fixtures import (enqueue, fetch, long_tone, redis_proxy, start_worker, strand,  # noqa: F401
+                             wait_for, worker_settings, write_wav)
 
 from producer import record
+from worker import reaper
+from worker.process import AudioWorker
 
 # Tokens, at ~5-7 ms each here: long enough to signal the job mid-generation, short enough to
 # run to the end when the test needs the job finished.
 SHORT_RUN = 300  # ~2 s
-BEATING_RUN = 1024  # ~6 s, for a job that must outlive 3 x lost_after
+BEATING_RUN = 1600  # ~8-11 s, for a job that must outlive 3 x lost_after
 KILLED_RUN = 2048  # ~13 s; never run to the end
+LOST_AFTER = 2.0
+SLACK = 1.0  # seconds a busy machine may add to a bound
+
+
+def liveness_settings(redis_url, **overrides):
+    return worker_settings(redis_url, **{"lost_after": LOST_AFTER, **overrides})
+
+
+def resolve_bounds(settings) -> tuple[float, float]:
+    """When, after a worker's death, its job is resolved: once its beat (refreshed every
+    heartbeat_interval, set to expire after lost_after) has expired, at the next sweep."""
+    return settings.lost_after - settings.heartbeat_interval - SLACK / 2, \
+        settings.lost_after + 2 * settings.heartbeat_interval + SLACK
 
 
 @pytest.fixture
@@ -95,7 +115,7 @@ def kill_mid_job(redis_conn, settings, request, tmp_path, procs, **options):
 
 def test_a_sigkilled_workers_job_is_requeued_and_finished_by_another_worker(redis_url, redis_conn, model,
                                                                             long_request, tmp_path, procs, report):
-    settings = worker_settings(redis_url, model=model, lost_job_retries=1)
+    settings = liveness_settings(redis_url, model=model, lost_job_retries=1)
     job, killed_at, survivor = kill_mid_job(redis_conn, settings, long_request(SHORT_RUN), tmp_path, procs,
                                             max_jobs=1)
     doomed_name = fetch(redis_conn, job.id).worker_name
@@ -110,14 +130,15 @@ def test_a_sigkilled_workers_job_is_requeued_and_finished_by_another_worker(redi
     assert meta[record.META_LOST] == 1 and meta[record.META_ATTEMPT] == 2
     retry = meta[record.META_RETRY]
     assert retry["code"] == "worker_lost" and "at stage generate" in retry["message"]
-    assert requeued_after < settings.lost_after + 3 * settings.heartbeat_interval + 0.5
+    earliest, latest = resolve_bounds(settings)
+    assert earliest < requeued_after < latest
     report(f"worker_lost: SIGKILLed worker's job requeued {requeued_after:.2f} s after the kill "
            f"(lost_after {settings.lost_after:g} s, heartbeat {settings.heartbeat_interval:g} s)")
 
 
 def test_a_job_lost_more_often_than_allowed_fails_as_worker_lost(redis_url, redis_conn, model, long_request,
                                                                  tmp_path, procs, report):
-    settings = worker_settings(redis_url, model=model, lost_job_retries=0)
+    settings = liveness_settings(redis_url, model=model, lost_job_retries=0)
     job, killed_at, idle = kill_mid_job(redis_conn, settings, long_request(KILLED_RUN), tmp_path, procs)
     wait_for(lambda: fetch(redis_conn, job.id).get_status() == "failed", what="the lost job to fail")
     failed_after = time.monotonic() - killed_at
@@ -126,7 +147,8 @@ def test_a_job_lost_more_often_than_allowed_fails_as_worker_lost(redis_url, redi
     assert failure["code"] == "worker_lost" and failure["retryable"] and "lost 1 times" in failure["message"]
     assert job.latest_result().exc_string == f"worker_lost: {failure['message']}"
     assert job.id in job.failed_job_registry and job.id not in job.started_job_registry
-    assert failed_after < settings.lost_after + 3 * settings.heartbeat_interval + 0.5
+    earliest, latest = resolve_bounds(settings)
+    assert earliest < failed_after < latest
     report(f"worker_lost: job of a SIGKILLed worker failed {failed_after:.2f} s after the kill by an idle worker "
            f"(lost_after {settings.lost_after:g} s, heartbeat {settings.heartbeat_interval:g} s)")
     idle.send_signal(signal.SIGTERM)
@@ -135,7 +157,7 @@ def test_a_job_lost_more_often_than_allowed_fails_as_worker_lost(redis_url, redi
 
 def test_a_running_job_keeps_beating_and_is_never_reaped(redis_url, redis_conn, model, long_request, tmp_path,
                                                          procs):
-    settings = worker_settings(redis_url, model=model)
+    settings = liveness_settings(redis_url, model=model)
     pair = start_idle_workers(redis_conn, settings, tmp_path, procs, 2, max_jobs=1)
     job = enqueue(redis_conn, long_request(BEATING_RUN))
     wait_for(lambda: stage_of(job) == "generate", what="the job to be generating")
@@ -154,10 +176,10 @@ def test_a_running_job_keeps_beating_and_is_never_reaped(redis_url, redis_conn, 
 
 
 def test_sigterm_mid_job_finishes_the_job_then_exits_0(redis_url, redis_conn, model, long_request, tmp_path, procs):
-    settings = worker_settings(redis_url, model=model)
+    settings = liveness_settings(redis_url, model=model)
     (worker,) = start_idle_workers(redis_conn, settings, tmp_path, procs, 1)
     first = enqueue(redis_conn, long_request(SHORT_RUN))
-    second = enqueue(redis_conn, long_request(SHORT_RUN))
+    second = enqueue(redis_conn, long_request(SHORT_RUN), job_id="second")
     wait_for(lambda: stage_of(first) == "generate", what="the first job to be generating")
     signalled_at = datetime.now(timezone.utc)
     worker.send_signal(signal.SIGTERM)
@@ -166,3 +188,113 @@ def test_sigterm_mid_job_finishes_the_job_then_exits_0(redis_url, redis_conn, mo
     assert first.get_status() == "finished" and first.ended_at > signalled_at  # it was mid-job when signalled
     assert first.return_value()["tokens"] == SHORT_RUN  # and then generated its whole budget
     assert fetch(redis_conn, second.id).get_status() == "queued"
+
+
+# ------------------------------------------------------------------ cold shutdown
+@pytest.mark.parametrize("lost_job_retries", [1, 0])
+def test_a_cold_shutdown_mid_job_resolves_the_job_as_a_sigkill_would(redis_url, redis_conn, model, long_request,
+                                                                      tmp_path, procs, lost_job_retries):
+    """Second SIGTERM: the same outcome as a SIGKILL (requeued at the front while lost_job_retries
+    allows, else failed as worker_lost), but at once rather than after lost_after."""
+    settings = liveness_settings(redis_url, model=model, lost_job_retries=lost_job_retries)
+    (worker,) = start_idle_workers(redis_conn, settings, tmp_path, procs, 1)
+    job = enqueue(redis_conn, long_request(KILLED_RUN))
+    behind = enqueue(redis_conn, long_request(SHORT_RUN), job_id="behind")
+    wait_for(lambda: stage_of(job) == "generate", what="the job to be generating")
+    worker.send_signal(signal.SIGTERM)  # warm: the job goes on
+    time.sleep(1.2)  # RQ ignores a second signal within a second of the first
+    assert stage_of(job) == "generate"
+    worker.send_signal(signal.SIGTERM)  # cold
+    assert worker.wait(timeout=20) == 0
+    job = fetch(redis_conn, job.id)
+    meta = job.get_meta()
+    assert meta[record.META_LOST] == 1 and meta[record.META_ATTEMPT] == 1
+    assert not redis_conn.exists(record.beat_key(job.id)) and job.id not in job.started_job_registry
+    if lost_job_retries:
+        retry = meta[record.META_RETRY]
+        assert retry["code"] == "worker_lost" and "cold shutdown" in retry["message"]
+        assert "at stage generate" in retry["message"] and "requeued (1 of 1 allowed)" in retry["message"]
+        assert job.get_status() == "queued" and record.META_FAILURE not in meta
+        assert Queue("default", connection=redis_conn).get_job_ids() == [job.id, behind.id]  # at the front
+    else:
+        failure = meta[record.META_FAILURE]
+        assert failure["code"] == "worker_lost" and "cold shutdown" in failure["message"]
+        assert job.get_status() == "failed" and job.id in job.failed_job_registry
+        assert job.latest_result().exc_string == f"worker_lost: {failure['message']}"
+        assert Queue("default", connection=redis_conn).get_job_ids() == [behind.id]
+
+
+# ------------------------------------------------------------------ the reaper
+def test_workers_on_disjoint_queues_each_resolve_the_lost_jobs_of_theirs(redis_url, redis_conn, engine, tmp_path):
+    """One reaper lock per queue: with one lock for all, a worker on queue b could find it taken by
+    the worker on queue a at every sweep, and b's lost jobs would stay "started" for good."""
+    request = {"audio_uri": write_wav(tmp_path / "a.wav", make_tone(1.0)).as_uri()}
+    on = {q: liveness_settings(redis_url, queues=[q], default_queue=q, lost_job_retries=0) for q in "ab"}
+    lost = {q: strand(redis_conn, enqueue(redis_conn, request, settings=on[q], job_id=f"lost-{q}"), on[q])
+            for q in "ab"}
+    # Two sweeps at the same moment, one per queue: neither may keep the other from its queue.
+    assert reaper.sweep(redis_conn, ["a"], on["a"], "worker-a") == {"lost-a": "failed"}
+    assert reaper.sweep(redis_conn, ["b"], on["b"], "worker-b") == {"lost-b": "failed"}
+
+    # And through two real workers' maintenance threads, each on its own queue.
+    lost = {q: strand(redis_conn, enqueue(redis_conn, request, settings=on[q], job_id=f"again-{q}"), on[q])
+            for q in "ab"}
+    workers = [AudioWorker([q], settings=on[q], engine=engine, connection=redis_conn) for q in "ab"]
+    for worker in workers:
+        worker.maintenance.start()
+    try:
+        for job_id in (job.id for job in lost.values()):
+            wait_for(lambda job_id=job_id: fetch(redis_conn, job_id).get_status() == "failed", timeout=10,
+                     what=f"lost job {job_id} to be resolved")
+            assert fetch(redis_conn, job_id).get_meta()[record.META_FAILURE]["code"] == "worker_lost"
+    finally:
+        for worker in workers:
+            worker.maintenance.stop()
+
+
+def test_a_job_stuck_past_the_hard_time_limit_stops_beating_and_is_treated_as_lost(redis_url, redis_conn, engine,
+                                                                                   tmp_path, caplog):
+    """A native call that never returns keeps the main thread (and RQ's SIGALRM) from ending the
+    job; the maintenance thread beats on, so without a cut-off the job would read "started" forever."""
+    settings = liveness_settings(redis_url, test_hard_timeout=2, lost_job_retries=1)
+    job = enqueue(redis_conn, {"audio_uri": write_wav(tmp_path / "a.wav", make_tone(1.0)).as_uri()},
+                  settings=settings)
+    worker = AudioWorker(settings.queues, settings=settings, engine=engine, connection=redis_conn)
+    strand(redis_conn, job, settings, worker)  # the main thread's part, then it never comes back
+    started = time.monotonic()
+    worker.maintenance.start()
+    try:
+        time.sleep(settings.hard_timeout - 0.5)
+        # Within the limit the worker beats, though its own sweeps look at the job all along.
+        assert fetch(redis_conn, job.id).get_status() == "started" and redis_conn.exists(record.beat_key(job.id))
+        wait_for(lambda: job.get_meta(refresh=True).get(record.META_LOST), timeout=15,
+                 what="the stuck job to be requeued")
+        requeued_after = time.monotonic() - started
+    finally:
+        worker.maintenance.stop()
+    assert settings.hard_timeout < requeued_after < settings.hard_timeout + resolve_bounds(settings)[1]
+    job = fetch(redis_conn, job.id)
+    assert job.get_status() == "queued"
+    assert "past the hard time limit of 2 s" in job.get_meta()[record.META_RETRY]["message"]
+    assert any("the main thread is stuck" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+
+
+def test_the_maintenance_thread_outlives_redis_being_away_when_it_starts(redis_url, redis_conn, engine,
+                                                                         redis_proxy):  # noqa: F811
+    """If the thread died on its first Redis call, every job this worker ran would look lost."""
+    settings = liveness_settings(redis_proxy.url())
+    worker = AudioWorker(settings.queues, settings=settings, engine=engine,
+                         connection=redis.Redis.from_url(settings.redis_url))
+    redis_proxy.refusing = True
+    worker.maintenance.start()
+    try:
+        time.sleep(1.0)  # several rounds, the first one included, find no Redis
+        assert worker.maintenance.is_alive()
+        redis_proxy.refusing = False
+        wait_for(lambda: redis_conn.exists(worker.maintenance.scheduler.key), timeout=10,
+                 what="the scheduler to register once Redis answers")
+        worker.maintenance.job_started("some-job")  # beats once, from this thread
+        time.sleep(settings.lost_after + 2 * settings.heartbeat_interval)  # that beat alone would have expired
+        assert 0 < redis_conn.pttl(record.beat_key("some-job")) <= settings.lost_after * 1000
+    finally:
+        worker.maintenance.stop()

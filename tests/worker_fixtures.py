@@ -1,8 +1,10 @@
-"""Helpers for the worker tests: settings, enqueueing as a producer would, running real workers.
+"""Helpers for the worker tests: settings, enqueueing through the producer, running real workers.
 
 Workers run for real, with the real Gemma 4 engine on a tiny random-weight checkpoint
 (``tiny_checkpoint``): ``AudioWorker`` in burst mode in this process, or ``run_worker`` in a
-subprocess (loading ``settings.model``) when a test needs to signal or kill it.
+subprocess (loading ``settings.model``) when a test needs to signal or kill it. Jobs are
+enqueued with the real ``producer.Client`` (``enqueue``), so workers see exactly what
+producers write; only the tests of crafted records write past it (``enqueue_raw``).
 
 Random weights make the text noise, but greedy decoding is deterministic, and the length
 of a generation is a property of the checkpoint and the clip. ``long_tone`` is a clip on
@@ -23,8 +25,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import boto3
 import numpy as np
@@ -33,9 +37,9 @@ import soundfile as sf
 from conftest import make_tone
 from rq import Queue
 from rq.job import Job
-from rq.serializers import JSONSerializer
 
 from producer import record
+from producer.client import Client
 from producer.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,23 +50,51 @@ RUN_ENV = "AUDIOQ_TEST_WORKER_RUN"
 TEST_DEFAULT_MAX_NEW_TOKENS = 8
 
 
-def worker_settings(redis_url: str, **overrides) -> Settings:
+class BackstopSettings(Settings):
+    """Settings whose ``hard_timeout`` can be set directly, for tests of what happens past it.
+
+    The real one is the longest job the settings allow plus 60 s, so never under a minute;
+    everything else (RQ's SIGALRM, the producer's job timeout, the worker's beat cut-off)
+    reads ``hard_timeout`` and so runs unchanged.
+    """
+
+    test_hard_timeout: int | None = None
+
+    @property
+    def hard_timeout(self) -> int:
+        return self.test_hard_timeout or super().hard_timeout
+
+
+def worker_settings(redis_url: str, **overrides) -> BackstopSettings:
     """Settings with liveness and retry times, and a default token budget, small enough for tests."""
     values = dict(redis_url=redis_url, heartbeat_interval=0.2, lost_after=1.0, storage_retries=2,
                   storage_retry_backoff=[0.0], lost_job_retries=1,
                   default_max_new_tokens=TEST_DEFAULT_MAX_NEW_TOKENS)
     values.update(overrides)
-    return Settings(**values)
+    return BackstopSettings(**values)
 
 
-def enqueue(connection, request: dict, *, queue: str = "default", job_id: str | None = None) -> Job:
-    """Enqueue the way the producer does: JSON serializer, TASK_FUNC, the request in meta."""
-    return Queue(queue, connection=connection, serializer=JSONSerializer).enqueue(
-        record.TASK_FUNC, request, job_id=job_id, meta={record.META_REQUEST: request}, job_timeout=600)
+def enqueue(connection, request: dict, *, queue: str | None = None, job_id: str | None = None,
+            settings: Settings | None = None) -> Job:
+    """Enqueue through the real producer (``Client.enqueue``): validation, ids, unique, timeout, TTLs.
+
+    The producer refuses to create a job twice, so a test enqueueing the same request twice
+    names the second job (``job_id``).
+    """
+    client = Client(settings or Settings(), connection=connection)
+    outcome = client.enqueue(request, job_id=job_id, queue=queue)
+    assert outcome.created, f"job {outcome.job_id} already exists: give the second one a job_id"
+    return fetch(connection, outcome.job_id)
+
+
+def enqueue_raw(connection, request: object, *, queue: str = "default") -> Job:
+    """Write a job past the producer (no validation), as a crafted or foreign client could."""
+    return Queue(queue, connection=connection, serializer=record.SERIALIZER).enqueue(
+        record.TASK_FUNC, request, meta={record.META_REQUEST: request})
 
 
 def fetch(connection, job_id: str) -> Job:
-    return Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+    return Job.fetch(job_id, connection=connection, serializer=record.SERIALIZER)
 
 
 def failure_code(job: Job) -> str | None:
@@ -122,13 +154,108 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str
 def _main() -> int:
     from worker.process import run_worker
 
-    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    settings = BackstopSettings.model_validate_json(os.environ[SETTINGS_ENV])
     spec = json.loads(os.environ[RUN_ENV])
     return run_worker(settings, burst=spec["burst"], max_jobs=spec["max_jobs"])
 
 
 if __name__ == "__main__":
     sys.exit(_main())
+
+
+def strand(connection, job: Job, settings: Settings, worker=None) -> Job:
+    """Take ``job`` off its queue and start it as RQ's ``SimpleWorker.execute_job`` does, up to
+    calling the job function, which then never runs.
+
+    Without ``worker`` (a plain RQ worker, gone at once, that never beats): what a worker
+    SIGKILLed right after claiming the job leaves behind. With an ``AudioWorker``, whose
+    maintenance thread the test starts: a worker whose main thread never comes back.
+    """
+    from rq.worker import SimpleWorker
+
+    from worker.job import AudioJob
+
+    if worker is None:
+        worker = SimpleWorker([job.origin], connection=connection, serializer=record.SERIALIZER,
+                              job_class=AudioJob)
+    else:
+        worker.maintenance.job_started(job.id)
+    job = AudioJob.fetch(job.id, connection=connection, serializer=record.SERIALIZER)
+    Queue(job.origin, connection=connection).remove(job.id)
+    job.timeout = settings.hard_timeout
+    worker.prepare_execution(job)
+    worker.prepare_job_execution(job)
+    return job
+
+
+# ------------------------------------------------------------------ Redis through a relay
+class RedisProxy:
+    """A TCP relay to the test Redis that can refuse clients or cut a connection: real network faults.
+
+    ``refusing``: new connections are closed at once (the client sees a ConnectionError).
+    ``cut(*parts)``: the next client request holding all ``parts`` is not forwarded; its
+    connection is closed instead (the client sees a ConnectionError), once.
+    """
+
+    def __init__(self, redis_url: str):
+        target = urlparse(redis_url)
+        self.target = (target.hostname or "127.0.0.1", target.port or 6379)
+        self.db = target.path.lstrip("/") or "0"
+        self.refusing = False
+        self.cut_at: tuple[bytes, ...] = ()
+        self.cuts = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, query: str = "") -> str:
+        return f"redis://127.0.0.1:{self.port}/{self.db}" + (f"?{query}" if query else "")
+
+    def cut(self, *parts: str) -> None:
+        self.cut_at = tuple(p.encode() for p in parts)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.refusing:
+                client.close()
+                continue
+            server = socket.create_connection(self.target)
+            self.sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if from_client and self.cut_at and all(p in data for p in self.cut_at):
+                    self.cut_at = ()
+                    self.cuts += 1
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture
+def redis_proxy(redis_url):
+    proxy = RedisProxy(redis_url)
+    yield proxy
+    proxy.close()
 
 
 # ------------------------------------------------------------------ S3 servers

@@ -3,7 +3,9 @@
 Steps that know what went wrong (storage, audio decode, the engine, the job's own checks)
 raise ``AudioqError`` with the code and a message naming what was found and what is
 allowed; those pass through unchanged. Everything else reaching a job's boundary is
-classified here, so a job record never carries a bare traceback as its reason.
+classified here, so a job record never carries a bare traceback as its reason. (A cold
+shutdown's ``SystemExit`` never gets here: the worker resolves that job like a lost one,
+see ``process.AudioWorker.resolve_after_cold_shutdown``.)
 """
 
 from __future__ import annotations
@@ -27,9 +29,6 @@ def classify(exc: BaseException) -> AudioqError:
     if isinstance(exc, DeserializationError):
         return AudioqError(FailureCode.INVALID_REQUEST,
                            "the job's data is not JSON: audioq jobs are written with RQ's JSON serializer")
-    if isinstance(exc, (SystemExit, KeyboardInterrupt)):
-        return AudioqError(FailureCode.WORKER_LOST,
-                           "the worker was shut down (cold shutdown) while running this job; requeue it")
     if isinstance(exc, MemoryError):
         return AudioqError(FailureCode.MODEL_ERROR, "the worker ran out of memory while running this job")
     text = " ".join(str(exc).split())[:MAX_MESSAGE]

@@ -10,9 +10,17 @@ lacks, in one background thread (``Maintenance``) that touches Redis only, never
 - RQ's scheduler for retries with backoff (``storage_unavailable``), run in-thread: RQ's
   own ``with_scheduler`` forks a process, which is unsafe in a process holding Metal state.
 
+The beat stops once a job has run longer than ``Settings.hard_timeout``: by then RQ's own
+SIGALRM should have ended it, so the main thread is stuck in a call that never returns
+(a native MLX call cannot be interrupted), and the reaper then treats the job as lost.
+
 Warm shutdown is RQ's: the first SIGTERM/SIGINT lets the current job finish, then the
-worker exits 0. A burst worker also waits for jobs in its queues that come due within
-the longest retry backoff, so a burst drains its retries instead of leaving them scheduled.
+worker exits 0. A second signal is RQ's cold shutdown, which raises ``SystemExit`` inside
+the job: the job then goes through the reaper's own ``resolve`` at once (requeued at the
+front while ``lost_job_retries`` allows, else failed as ``worker_lost``), exactly as if the
+worker had been SIGKILLed, and the worker exits 0. A burst worker also waits for jobs in
+its queues that come due within the longest retry backoff, so a burst drains its retries
+instead of leaving them scheduled.
 """
 
 from __future__ import annotations
@@ -22,12 +30,13 @@ import os
 import socket
 import threading
 import time
+from contextlib import suppress
 
 import redis
 from rq.job import JobStatus
 from rq.logutils import setup_loghandlers
+from rq.queue import Queue
 from rq.scheduler import RQScheduler
-from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp, now, utcformat
 from rq.worker import SimpleWorker
 
@@ -40,8 +49,6 @@ from worker.gemma4.engine import Engine
 from worker.job import AudioJob
 from worker.lifecycle import JobFailed, record_failure
 
-# RQ's hard time limit is the longest job the settings allow plus this margin (the producer
-# enqueues with the same value), so the cooperative, audio-derived deadline fires first.
 TICK = 1.0  # seconds between the background thread's rounds (scheduler), at most
 
 log = logging.getLogger("audioq.worker")
@@ -58,13 +65,18 @@ class Maintenance(threading.Thread):
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.job_id: str | None = None
-        self.scheduler = RQScheduler(worker.queues, connection=worker.connection, serializer=JSONSerializer,
+        self.job_started_at = 0.0  # time.monotonic() when the running job started
+        self.overdue_logged = False
+        self.scheduler = RQScheduler(worker.queues, connection=worker.connection, serializer=record.SERIALIZER,
                                      name=f"{worker.name}-scheduler")
+        self.scheduler_born = False
 
     def job_started(self, job_id: str) -> None:
         """Beat before RQ registers the job as started, so the reaper never sees it beatless."""
         with self.lock:
             self.job_id = job_id
+            self.job_started_at = time.monotonic()
+            self.overdue_logged = False
             reaper.beat(self.connection, job_id, self.worker.name, self.settings.lost_after)
 
     def job_ended(self, job_id: str) -> None:
@@ -73,28 +85,44 @@ class Maintenance(threading.Thread):
             self.job_id = None
             self.connection.delete(record.beat_key(job_id))
 
+    def beat(self) -> None:
+        """Refresh the running job's beat, unless it has outlived RQ's hard time limit."""
+        with self.lock:
+            if not self.job_id:
+                return
+            ran = time.monotonic() - self.job_started_at
+            if ran <= self.settings.hard_timeout:
+                reaper.beat(self.connection, self.job_id, self.worker.name, self.settings.lost_after)
+            elif not self.overdue_logged:
+                self.overdue_logged = True
+                log.error("job %s has run %.0f s, past the hard time limit of %d s: the main thread is stuck; "
+                          "no more heartbeats, so the reaper will treat the job as lost", self.job_id, ran,
+                          self.settings.hard_timeout)
+
     def run(self) -> None:
         interval = self.settings.heartbeat_interval
         next_beat = next_sweep = 0.0
-        self.scheduler.register_birth()
         while not self.stopping.wait(min(TICK, interval)):
+            # Everything, the scheduler's birth included, inside the try: the thread must outlive any
+            # one bad round (Redis away, ...), or every job this worker runs would look lost.
             try:
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + interval
-                    with self.lock:
-                        if self.job_id:
-                            reaper.beat(self.connection, self.job_id, self.worker.name, self.settings.lost_after)
+                    self.beat()
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + interval
                     reaper.sweep(self.connection, self.worker.queue_names(), self.settings, self.worker.name)
                 self.schedule()
             except redis.RedisError as exc:
                 log.warning("maintenance: %s: %s", type(exc).__name__, exc)
-            except Exception:  # the thread must outlive any one bad round, or running jobs look lost
+            except Exception:
                 log.exception("maintenance round failed")
 
     def schedule(self) -> None:
         """Move retries that came due back onto their queue (RQScheduler's work, without its fork)."""
+        if not self.scheduler_born:
+            self.scheduler.register_birth()
+            self.scheduler_born = True
         if self.scheduler.should_reacquire_locks:
             self.scheduler.acquire_locks()
         if self.scheduler.acquired_locks:
@@ -105,8 +133,47 @@ class Maintenance(threading.Thread):
         self.stopping.set()
         if self.is_alive():
             self.join()
-        self.scheduler.release_locks()
-        self.scheduler.register_death()
+        try:
+            self.scheduler.release_locks()
+            if self.scheduler_born:
+                self.scheduler.register_death()
+        except redis.RedisError as exc:  # the locks and the scheduler's hash expire by themselves
+            log.warning("maintenance: cannot release the scheduler's locks: %s: %s", type(exc).__name__, exc)
+
+
+class AudioQueue(Queue):
+    """RQ's queue, except that a job whose record Redis failed to return goes back on its queue.
+
+    ``dequeue_any`` pops a job id, then reads the job's hash; when that read fails for want
+    of Redis (connection lost, timeout), RQ raises with the id already taken off the queue
+    (by LPOP when the worker reads several queues), so the job would stay "queued" in no
+    queue at all. Here it goes back to the front first; the error then goes on to RQ's
+    worker, which waits and retries (connection errors) or quits (timeouts).
+    """
+
+    @classmethod
+    def dequeue_any(cls, queues, timeout, connection, job_class=None, serializer=None, death_penalty_class=None):
+        try:
+            return super().dequeue_any(queues, timeout, connection=connection, job_class=job_class,
+                                       serializer=serializer, death_penalty_class=death_penalty_class)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if hasattr(exc, "job_id"):
+                _put_back(connection, exc.job_id, exc.queue, exc)
+            raise
+
+
+def _put_back(connection: redis.Redis, job_id: str, queue: Queue, exc: Exception) -> None:
+    log.warning("job %s: Redis failed while reading it (%s: %s); putting it back on %s", job_id,
+                type(exc).__name__, exc, queue.name)
+    try:
+        with connection.pipeline() as pipe:
+            pipe.lrem(queue.intermediate_queue_key, 0, job_id)
+            pipe.lrem(queue.key, 0, job_id)
+            pipe.lpush(queue.key, job_id)
+            pipe.execute()
+    except redis.RedisError as again:
+        log.error("job %s: cannot put it back on %s either (%s: %s); it stays queued in no queue until "
+                  "requeued by id", job_id, queue.name, type(again).__name__, again)
 
 
 class AudioWorker(SimpleWorker):
@@ -115,8 +182,8 @@ class AudioWorker(SimpleWorker):
         if settings.lost_after < 2 * settings.heartbeat_interval:
             raise ValueError(f"lost_after ({settings.lost_after:g} s) must be at least twice heartbeat_interval "
                              f"({settings.heartbeat_interval:g} s), or running jobs would be reaped")
-        super().__init__(queues, name=name, connection=connection, serializer=JSONSerializer,
-                         job_class=AudioJob, default_result_ttl=settings.result_ttl)
+        super().__init__(queues, name=name, connection=connection, serializer=record.SERIALIZER,
+                         job_class=AudioJob, queue_class=AudioQueue, default_result_ttl=settings.result_ttl)
         self.settings = settings
         self.engine = engine
         self.maintenance = Maintenance(self)
@@ -138,21 +205,46 @@ class AudioWorker(SimpleWorker):
         self.maintenance.job_started(job.id)
         try:
             super().execute_job(job, queue)
+        except (SystemExit, KeyboardInterrupt):
+            self.resolve_after_cold_shutdown(job)
+            raise
         finally:
+            with suppress(redis.RedisError):  # else the beat expires by itself after lost_after
+                self.maintenance.job_ended(job.id)
+
+    def resolve_after_cold_shutdown(self, job: AudioJob) -> None:
+        """Treat the job like a SIGKILLed worker's: the reaper's ``resolve``, now rather than after lost_after."""
+        execution = self.execution  # still set: RQ's cleanup never ran
+        try:
             self.maintenance.job_ended(job.id)
+            if execution is not None:
+                reaper.resolve(self.connection, job.id, execution.id, self.settings,
+                               cause="was shut down (cold shutdown)")
+        except redis.RedisError as exc:
+            log.error("job %s: cannot resolve it after the cold shutdown (%s: %s); the reaper will once its "
+                      "heartbeat expires", job.id, type(exc).__name__, exc)
 
     def handle_exception(self, job: AudioJob, *exc_info) -> None:
         """Record failures the job function never saw (a refused job, RQ's hard timeout).
 
         A ``JobFailed`` is an expected outcome (bad audio, missing object, ...) already on the
-        job record: one log line, no traceback. Anything else keeps RQ's full traceback log.
+        job record, and an ``AudioqError`` here is a job ``AudioJob.func`` refused before
+        anything ran (recorded now): one log line each, no traceback. A cold shutdown's
+        ``SystemExit`` goes back up to ``execute_job``, past RQ's failure handling. Anything
+        else keeps RQ's full traceback log.
         """
-        if isinstance(exc_info[1], JobFailed):
-            self.log.warning("Worker %s: job %s failed: %s", self.name, job.id, exc_info[1])
+        exc = exc_info[1]
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            raise exc
+        if isinstance(exc, JobFailed):
+            self.log.warning("Worker %s: job %s failed: %s", self.name, job.id, exc)
             return
         job.meta.pop("unserialized", None)  # RQ's stand-in for meta it could not decode
         attempt = int(job.meta.get(record.META_ATTEMPT, 1))
-        record_failure(job, failure_for(exc_info[1], attempt=attempt, worker=self.name))
+        record_failure(job, failure_for(exc, attempt=attempt, worker=self.name))
+        if isinstance(exc, AudioqError):
+            self.log.warning("Worker %s: job %s refused: %s", self.name, job.id, exc)
+            return
         super().handle_exception(job, *exc_info)
 
     def handle_job_failure(self, job: AudioJob, queue, started_job_registry=None, exc_string: str = "") -> None:
@@ -167,7 +259,9 @@ class AudioWorker(SimpleWorker):
             try:
                 result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
             except Exception as exc:
-                if not hasattr(exc, "job_id"):  # RQ tags errors raised while reading a dequeued job
+                # RQ tags every error raised while reading a dequeued job. Redis failing is not
+                # the job's fault (AudioQueue put the job back); anything else is its record's.
+                if not hasattr(exc, "job_id") or isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
                     raise
                 self.fail_unreadable(exc.job_id, exc.queue, exc)
                 continue
@@ -176,17 +270,44 @@ class AudioWorker(SimpleWorker):
             time.sleep(TICK / 2)
 
     def fail_unreadable(self, job_id: str, queue, exc: Exception) -> None:
-        """Fail a dequeued job whose hash RQ cannot parse, instead of letting the worker quit on it."""
+        """Fail a dequeued job whose hash RQ cannot parse, instead of letting the worker quit on it.
+
+        Only ``status``, ``ended_at`` and the failure in ``meta`` are written (the rest of the
+        meta, the request included, is kept when it decodes). ``FailedJobRegistry.add`` needs
+        a parsed ``Job`` (it re-saves the whole hash from it), so its two effects are written
+        here: the registry entry and the hash's expiry, both ``failure_ttl``.
+        """
         error = AudioqError(FailureCode.INVALID_REQUEST, f"the job record cannot be read: {type(exc).__name__}: {exc}")
         failure = failure_for(error, attempt=1, worker=self.name)
         log.error("job %s: %s", job_id, failure.message)
+        key, ttl = AudioJob.key_for(job_id), self.settings.failure_ttl
         with self.connection.pipeline() as pipe:
-            pipe.hset(AudioJob.key_for(job_id), mapping={
-                "status": JobStatus.FAILED.value, "ended_at": utcformat(now()),
-                "meta": self.serializer.dumps({record.META_FAILURE: failure.model_dump(mode="json")})})
-            pipe.zadd(queue.failed_job_registry.key, {job_id: current_timestamp() + self.settings.failure_ttl})
-            pipe.lrem(queue.intermediate_queue_key, 0, job_id)
-            pipe.execute()
+            while True:
+                try:
+                    pipe.watch(key)
+                    meta = self.decoded_meta(pipe.hget(key, "meta"))
+                    meta[record.META_FAILURE] = failure.model_dump(mode="json")
+                    pipe.multi()
+                    pipe.hset(key, mapping={"status": JobStatus.FAILED.value, "ended_at": utcformat(now()),
+                                            "meta": self.serializer.dumps(meta)})
+                    pipe.expire(key, ttl)
+                    pipe.zadd(queue.failed_job_registry.key, {job_id: current_timestamp() + ttl})
+                    pipe.lrem(queue.intermediate_queue_key, 0, job_id)
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+                except redis.ResponseError as wrong:  # WRONGTYPE: the key is not a job hash at all
+                    log.error("job %s: its key cannot hold a failure (%s); dropped", job_id, wrong)
+                    self.connection.lrem(queue.intermediate_queue_key, 0, job_id)
+                    return
+
+    def decoded_meta(self, raw: bytes | None) -> dict:
+        try:
+            meta = self.serializer.loads(raw) if raw else {}
+        except ValueError:  # not JSON (json's errors, UnicodeDecodeError included, are ValueErrors)
+            return {}
+        return meta if isinstance(meta, dict) else {}
 
     def retries_due_soon(self) -> bool:
         """Whether a job in this worker's queues is scheduled within the longest retry backoff."""

@@ -4,15 +4,20 @@
 60 s, and RQ's cleanup only looks every 10 minutes, so the job of a SIGKILLed worker would
 read "started" for a quarter of an hour. audioq adds a per-job beat key: the running
 worker's background thread refreshes it every ``heartbeat_interval`` with an expiry of
-``lost_after``, so a started job without its beat key has no live worker. Every worker
-sweeps, idle or busy, under a Redis lock that lets one sweep happen per
-``heartbeat_interval``; a lost job is resolved within ``lost_after + heartbeat_interval``
-of its worker's death, while any worker runs.
+``lost_after``, so a started job without its beat key has no live worker (or a worker whose
+job has run past ``Settings.hard_timeout``: the thread stops beating for it, see
+``process.Maintenance``). Every worker sweeps its own queues, idle or busy, each queue under
+its own Redis lock (``audioq:reaper-lock:<queue>``) that lets one sweep of that queue happen
+per ``heartbeat_interval``. One lock per queue, not one for all: with a single lock, two
+workers on disjoint queues could fall into step so that one of them always finds the lock
+taken and its queues are never swept. A lost job is resolved within about
+``lost_after + heartbeat_interval`` of its worker's death, while any worker on its queue runs.
 
 A lost job goes back to the front of its queue up to ``lost_job_retries`` times (counted in
 ``meta[META_LOST]``), then fails with ``worker_lost``. Each resolution is one MULTI/EXEC
 that WATCHes the job hash and the beat key, so a job that finishes or beats meanwhile is
-left alone.
+left alone. A worker stopped by a cold shutdown (second SIGTERM/Ctrl-C) resolves its own
+job through the same ``resolve`` at once, instead of waiting for its beat to expire.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from rq.job import JobStatus
 from rq.queue import Queue
 from rq.registry import StartedJobRegistry
 from rq.results import Result
-from rq.serializers import JSONSerializer
 from rq.utils import now
 
 from producer import record
@@ -34,7 +38,8 @@ from producer.schema import JobFailure
 from producer.settings import Settings
 from worker.job import AudioJob
 
-REAPER_LOCK = record.KEY_PREFIX + "reaper-lock"
+def lock_key(queue_name: str) -> str:
+    return f"{record.KEY_PREFIX}reaper-lock:{queue_name}"
 
 log = logging.getLogger("audioq.reaper")
 
@@ -44,15 +49,16 @@ def beat(connection: redis.Redis, job_id: str, worker_name: str, lost_after: flo
 
 
 def sweep(connection: redis.Redis, queue_names: list[str], settings: Settings, worker_name: str) -> dict[str, str]:
-    """Resolve every lost job in ``queue_names``, unless a worker swept moments ago.
+    """Resolve every lost job in ``queue_names``, skipping each queue some worker swept moments ago.
 
     Returns ``{job_id: "requeued" | "failed"}``.
     """
-    if not connection.set(REAPER_LOCK, worker_name, nx=True, px=int(settings.heartbeat_interval * 1000)):
-        return {}
     outcomes = {}
     for name in queue_names:
-        registry = StartedJobRegistry(name, connection=connection, job_class=AudioJob, serializer=JSONSerializer)
+        if not connection.set(lock_key(name), worker_name, nx=True, px=int(settings.heartbeat_interval * 1000)):
+            continue
+        registry = StartedJobRegistry(name, connection=connection, job_class=AudioJob,
+                                      serializer=record.SERIALIZER)
         for job_id, execution_id in registry.get_job_and_execution_ids(cleanup=False):
             if connection.exists(record.beat_key(job_id)):
                 continue
@@ -62,28 +68,33 @@ def sweep(connection: redis.Redis, queue_names: list[str], settings: Settings, w
     return outcomes
 
 
-def resolve(connection: redis.Redis, job_id: str, execution_id: str, settings: Settings) -> str | None:
-    """Requeue or fail one lost job; None if it turned out to be alive, done or gone."""
+def resolve(connection: redis.Redis, job_id: str, execution_id: str, settings: Settings, *,
+            cause: str | None = None) -> str | None:
+    """Requeue or fail one lost job; None if it turned out to be alive, done or gone.
+
+    ``cause`` says what happened to the worker ("was shut down (cold shutdown)"); by default,
+    that its heartbeats stopped.
+    """
     with connection.pipeline() as pipe:
         try:
             pipe.watch(AudioJob.key_for(job_id), record.beat_key(job_id))
             if pipe.exists(record.beat_key(job_id)) or not pipe.exists(AudioJob.key_for(job_id)):
                 return None
-            job = AudioJob.fetch(job_id, connection=connection, serializer=JSONSerializer)
+            job = AudioJob.fetch(job_id, connection=connection, serializer=record.SERIALIZER)
             if job.get_status(refresh=False) != JobStatus.STARTED:
                 return None
             lost = int(job.meta.get(record.META_LOST, 0)) + 1
             requeue = lost <= settings.lost_job_retries
             failure = JobFailure(code=FailureCode.WORKER_LOST, retryable=True, worker=job.worker_name,
                                  attempt=max(1, int(job.meta.get(record.META_ATTEMPT, 1))),
-                                 message=_message(job, lost, requeue, settings))
+                                 message=_message(job, lost, requeue, settings, cause))
             job.meta[record.META_LOST] = lost
             job.meta[record.META_RETRY if requeue else record.META_FAILURE] = failure.model_dump(mode="json")
             pipe.multi()
             Execution(execution_id, job_id, connection=connection).delete(job, pipe)
             if requeue:
                 job.started_at = None
-                queue = Queue(job.origin, connection=connection, job_class=AudioJob, serializer=JSONSerializer)
+                queue = Queue(job.origin, connection=connection, job_class=AudioJob, serializer=record.SERIALIZER)
                 queue.enqueue_job(job, pipeline=pipe, at_front=True)
             else:
                 _fail(job, failure, pipe)
@@ -95,10 +106,15 @@ def resolve(connection: redis.Redis, job_id: str, execution_id: str, settings: S
     return outcome
 
 
-def _message(job: AudioJob, lost: int, requeue: bool, settings: Settings) -> str:
+def _message(job: AudioJob, lost: int, requeue: bool, settings: Settings, cause: str | None) -> str:
     stage = (job.meta.get(record.META_PROGRESS) or {}).get("stage", "claimed")
-    what = (f"worker {job.worker_name} stopped sending heartbeats (none for {settings.lost_after:g} s) "
-            f"while the job was at stage {stage}")
+    if cause is None:
+        cause = f"stopped sending heartbeats (none for {settings.lost_after:g} s)"
+        ran = (now() - job.started_at).total_seconds() if job.started_at else 0.0
+        if ran > settings.hard_timeout:
+            cause += (f" after the job ran {ran:.0f} s, past the hard time limit of {settings.hard_timeout} s "
+                      f"(the worker may be stuck in one call)")
+    what = f"worker {job.worker_name} {cause} while the job was at stage {stage}"
     if requeue:
         return f"{what}; requeued ({lost} of {settings.lost_job_retries} allowed)"
     return f"{what}; lost {lost} times, more than lost_job_retries ({settings.lost_job_retries}) allows"
