@@ -6,7 +6,9 @@ server) and flush it before and after each test that asks for it.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 
 import boto3
@@ -65,7 +67,8 @@ def s3_env(s3_server, monkeypatch):
 def s3_bucket(s3_env, request):
     """A fresh bucket on the moto server; returns (boto3 client, bucket name)."""
     client = boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
-    name = "aq-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    readable = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    name = f"aq-{readable}-{hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]}"
     client.create_bucket(Bucket=name)
     yield client, name
     for obj in client.list_objects_v2(Bucket=name).get("Contents", []):

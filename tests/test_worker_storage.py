@@ -45,6 +45,18 @@ def test_s3_object_streams_to_a_temp_file_that_is_removed(s3_bucket, settings, t
     assert not any((tmp_path / "tmp").iterdir())
 
 
+@pytest.mark.parametrize("key", ["odd#name.wav", "what?.flac", "/leading-slash.wav", "spaces and é.wav"])
+def test_keys_are_taken_byte_for_byte(s3_bucket, settings, key):
+    """``#`` and ``?`` are part of an S3 key, not a URL fragment or query."""
+    client, bucket = s3_bucket
+    decoy = key.split("#")[0].split("?")[0].lstrip("/")  # what a URL parser would make of it
+    if decoy != key:
+        client.put_object(Bucket=bucket, Key=decoy, Body=b"decoy")
+    client.put_object(Bucket=bucket, Key=key, Body=key.encode())
+    with fetched_audio(f"s3://{bucket}/{key}", settings) as path:
+        assert path.read_bytes() == key.encode()
+
+
 def test_temp_file_is_removed_when_the_block_raises(s3_bucket, settings, tmp_path):
     client, bucket = s3_bucket
     client.put_object(Bucket=bucket, Key="a.wav", Body=b"RIFF")

@@ -31,18 +31,14 @@ from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-import boto3
 import botocore.exceptions as boto_errors
-from botocore.config import Config
 
 from producer.failures import AudioqError, FailureCode
+from producer.s3 import s3_client, split_s3_uri
 from producer.schema import JobResult
 from producer.settings import Settings
 
 CHUNK_BYTES = 1 << 20
-# botocore's own retries stay short: the job retries storage_unavailable with backoff,
-# and a worker must not sit minutes inside one request.
-BOTO_MAX_ATTEMPTS = 2
 
 _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound", "InvalidBucketName"}
 _DENIED = {"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
@@ -50,21 +46,6 @@ _DENIED = {"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureD
            "InvalidObjectState", "RequestTimeTooSkewed"}
 _TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
               "ServiceUnavailable"}
-
-
-def s3_client(settings: Settings):
-    """A boto3 S3 client configured from the worker's settings (never from a job)."""
-    session = boto3.session.Session(profile_name=settings.s3_profile)
-    config = Config(s3={"addressing_style": settings.s3_addressing_style},
-                    connect_timeout=settings.s3_connect_timeout, read_timeout=settings.s3_read_timeout,
-                    retries={"mode": "standard", "max_attempts": BOTO_MAX_ATTEMPTS})
-    return session.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
-                          config=config)
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    return parsed.netloc, parsed.path.lstrip("/")
 
 
 def file_path(uri: str) -> Path:
@@ -96,7 +77,7 @@ def storage_error(exc: Exception, uri: str, client=None, writing: bool = False) 
             return AudioqError(FailureCode.STORAGE_UNAVAILABLE, f"storage answered {detail} for {uri}")
         if writing and (code in _NOT_FOUND or status == 404):
             return AudioqError(FailureCode.INVALID_REQUEST,
-                               f"cannot write outputs to {uri}: bucket {split_s3(uri)[0]!r} does not exist")
+                               f"cannot write outputs to {uri}: bucket {split_s3_uri(uri)[0]!r} does not exist")
         if code in _NOT_FOUND or status == 404:
             return AudioqError(FailureCode.AUDIO_NOT_FOUND, _not_found_message(uri, client))
         if code in _DENIED or status == 403:
@@ -113,7 +94,7 @@ def storage_error(exc: Exception, uri: str, client=None, writing: bool = False) 
 
 def _not_found_message(uri: str, client) -> str:
     """HEAD answers a bare 404 for a missing bucket and a missing key alike: ask which."""
-    bucket, key = split_s3(uri)
+    bucket, key = split_s3_uri(uri)
     if client is not None:
         try:
             client.head_bucket(Bucket=bucket)
@@ -134,7 +115,7 @@ def fetched_audio(uri: str, settings: Settings) -> Iterator[Path]:
         yield _local_file(uri, settings.max_audio_bytes)
         return
     with tempfile.TemporaryDirectory(prefix="audioq-", dir=settings.temp_dir) as tmp:
-        path = Path(tmp) / ("audio" + Path(split_s3(uri)[1]).suffix[:16])
+        path = Path(tmp) / ("audio" + Path(split_s3_uri(uri)[1]).suffix[:16])
         _download(uri, path, settings)
         yield path
 
@@ -158,7 +139,7 @@ def _local_file(uri: str, limit: int) -> Path:
 
 
 def _download(uri: str, path: Path, settings: Settings) -> None:
-    bucket, key = split_s3(uri)
+    bucket, key = split_s3_uri(uri)
     limit = settings.max_audio_bytes
     client = None
     try:
@@ -195,7 +176,7 @@ def check_output(output_uri_prefix: str, settings: Settings) -> None:
         except OSError as exc:
             raise _local_write_error(output_uri_prefix, exc) from None
         return
-    bucket, _ = split_s3(output_uri_prefix)
+    bucket, _ = split_s3_uri(output_uri_prefix)
     client = None
     try:
         client = s3_client(settings)
@@ -221,7 +202,7 @@ def write_outputs(output_uri_prefix: str, job_id: str, result: JobResult, settin
     for uri, data, content_type in files:
         try:
             client = client or s3_client(settings)
-            bucket, key = split_s3(uri)
+            bucket, key = split_s3_uri(uri)
             client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
         except (boto_errors.BotoCoreError, boto_errors.ClientError) as exc:
             raise storage_error(exc, uri, client, writing=True) from None
