@@ -19,9 +19,10 @@ from worker_fixtures import enqueue, failure_code, fetch, run_burst, start_worke
 from producer import record
 from producer.schema import JobRequest, JobResult
 from worker.audio import decode_audio
-from worker.gemma4.engine import ClipRequest, Engine
+from worker.gemma4.engine import ClipRequest
 from worker.gemma4.features import audio_token_count
 from worker.instructions import instruction_for
+from worker.process import run_worker
 
 
 @pytest.fixture
@@ -71,10 +72,11 @@ def test_run_worker_loads_the_model_once_and_drains_good_and_bad_jobs(redis_url,
     assert log.count("loaded in") == 1
 
 
-def test_a_model_without_an_audio_tower_fails_jobs_with_model_error(redis_url, redis_conn, tiny_checkpoint,
-                                                                    tmp_path):
-    text_only = Engine.load(str(tiny_checkpoint(with_audio=False)))
+def test_a_worker_refuses_to_start_on_a_model_without_an_audio_tower(redis_url, redis_conn, tiny_checkpoint,
+                                                                     tmp_path, caplog):
+    """Draining a backlog into model_error failures would lose a night: the worker won't start."""
     job = enqueue(redis_conn, {"audio_uri": write_wav(tmp_path / "a.wav", make_tone(1.0)).as_uri()})
-    run_burst(worker_settings(redis_url), text_only)
-    failure = fetch(redis_conn, job.id).get_meta()[record.META_FAILURE]
-    assert failure["code"] == "model_error" and "has no audio tower" in failure["message"]
+    settings = worker_settings(redis_url).model_copy(update={"model": str(tiny_checkpoint(with_audio=False))})
+    assert run_worker(settings, burst=True) == 3
+    assert "has no audio tower" in caplog.text
+    assert fetch(redis_conn, job.id).get_status() == "queued"

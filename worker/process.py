@@ -179,9 +179,6 @@ def _put_back(connection: redis.Redis, job_id: str, queue: Queue, exc: Exception
 class AudioWorker(SimpleWorker):
     def __init__(self, queues: list[str], *, settings: Settings, engine: Engine, connection: redis.Redis,
                  name: str | None = None):
-        if settings.lost_after < 2 * settings.heartbeat_interval:
-            raise ValueError(f"lost_after ({settings.lost_after:g} s) must be at least twice heartbeat_interval "
-                             f"({settings.heartbeat_interval:g} s), or running jobs would be reaped")
         super().__init__(queues, name=name, connection=connection, serializer=record.SERIALIZER,
                          job_class=AudioJob, queue_class=AudioQueue, default_result_ttl=settings.result_ttl)
         self.settings = settings
@@ -319,19 +316,19 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, burst: bo
                max_jobs: int | None = None, name: str | None = None) -> int:
     """Load ``settings.model`` once, then work ``queues`` (highest priority first) until stopped.
 
-    Returns the process exit status: 0 after a burst, ``max_jobs`` or a warm shutdown; 2 when
-    no model is configured or it cannot be loaded.
+    Returns the process exit status: 0 after a burst, ``max_jobs`` or a warm shutdown; 3 (the
+    CLI's "could not run") when no model is configured or it cannot be loaded.
     """
     setup_loghandlers("INFO", name="audioq")
     if not settings.model:
         log.error("no model configured: set model in the worker config or AUDIOQ_MODEL")
-        return 2
+        return 3
     started = time.perf_counter()
     try:
         engine = Engine.load(settings.model)
     except AudioqError as exc:
         log.error("cannot load model %s: %s", settings.model, exc.message)
-        return 2
+        return 3
     log.info("engine %s loaded in %.1f s", engine.model_id, time.perf_counter() - started)
     connection = redis.Redis.from_url(settings.redis_url)
     # A name that says which Mac ran (or lost) a job; RQ's default is a random hex id.

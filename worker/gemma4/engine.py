@@ -66,6 +66,10 @@ class Engine:
     max_clip_seconds = MAX_SAMPLES / SAMPLE_RATE
 
     def __init__(self, model: LoadedModel):
+        if model.audio_tower is None:
+            raise AudioqError(FailureCode.MODEL_ERROR,
+                              f"model {model.name} has no audio tower (its config.json has no "
+                              "audio_config): use a Gemma 4 E2B or E4B checkpoint")
         self.model = model
         self.model_id = model.name
         self.decoder = Decoder(model.text, model.config.tokens)
@@ -74,12 +78,6 @@ class Engine:
     @classmethod
     def load(cls, model: str) -> "Engine":
         return cls(load_model(model))
-
-    def _require_audio(self) -> None:
-        if self.model.audio_tower is None:
-            raise AudioqError(FailureCode.MODEL_ERROR,
-                              f"model {self.model_id} has no audio tower (its config.json has no "
-                              "audio_config): use a Gemma 4 E2B or E4B checkpoint")
 
     def encode(self, clips: list[np.ndarray], on_stage: StageHook | None = None
                ) -> tuple[list[mx.array], dict[str, float]]:
@@ -105,7 +103,6 @@ class Engine:
     def run(self, clips: list[ClipRequest], on_stage: StageHook | None = None) -> list[ClipOutput]:
         """Transcribe/understand each clip with its own instruction and token budget."""
         hook = on_stage or (lambda stage: None)
-        self._require_audio()
         counts = [check_clip(c.samples) for c in clips]
         hook("front_end")
         rows, shared = self.encode([c.samples for c in clips], hook)
