@@ -15,31 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import machine, medians, memory, print_table, synthetic_clip  # noqa: E402
 from worker.audio import decode_audio  # noqa: E402
 from worker.gemma4.engine import Engine, check_clip  # noqa: E402
-
-
-# ru_maxrss is in bytes on macOS, in kilobytes on Linux
-RSS_UNITS_PER_MB = 2**20 if sys.platform == "darwin" else 2**10
-
-
-def synthetic_clip(seconds: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
-    return (0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
 
 
 def bench_clip(engine: Engine, samples: np.ndarray, max_new_tokens: int) -> dict[str, float]:
@@ -88,27 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     for name, samples in clips:
         bench_clip(engine, samples, args.max_new_tokens)  # warm-up: compile, allocate
         runs = [bench_clip(engine, samples, args.max_new_tokens) for _ in range(args.repeat)]
-        median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        results.append({"clip": name, "audio_seconds": samples.size / 16000, **median})
+        results.append({"clip": name, "audio_seconds": samples.size / 16000, **medians(runs)})
 
     report = {
         "model": args.model or f"tiny {args.preset} ({args.layout}{f', {args.bits}-bit' if args.bits else ''})",
-        "machine": f"{platform.machine()} {platform.system()}, mlx {mx.__version__}, device {mx.default_device()}",
+        "machine": machine(),
         "load_seconds": load_seconds,
         "clips": results,
-        "peak_mlx_memory_mb": mx.get_peak_memory() / 2**20,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / RSS_UNITS_PER_MB,
+        **memory(),
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"model: {report['model']}\nmachine: {report['machine']}\nload: {load_seconds:.2f} s")
-    print(f"{'clip':>16} {'audio s':>7} {'tokens':>6} {'front-end ms':>12} {'tower ms':>9} "
-          f"{'prefill ms':>10} {'decode ms':>9} {'decode tok/s':>12}")
-    for r in results:
-        print(f"{r['clip']:>16} {r['audio_seconds']:7.2f} {int(r['tokens']):6d} {r['front_end'] * 1e3:12.1f} "
-              f"{r['audio_tower'] * 1e3:9.1f} {r['prefill'] * 1e3:10.1f} {r['decode'] * 1e3:9.1f} "
-              f"{r['decode_tok_s']:12.1f}")
+    print_table(results)
     print(f"peak MLX memory: {report['peak_mlx_memory_mb']:.1f} MB; peak RSS: {report['peak_rss_mb']:.0f} MB")
     return 0
 

@@ -51,8 +51,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import shutil
 import statistics
 import sys
@@ -62,16 +60,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from bench_common import machine, medians, memory, print_table, synthetic_clip
 
-RSS_UNITS_PER_MB = 2**20 if sys.platform == "darwin" else 2**10
 CLIP_BOUND_SUFFIXES = (".input_min", ".input_max", ".output_min", ".output_max")
-
-
-def synthetic_clip(seconds: float, seed: int) -> np.ndarray:
-    """Same clip as scripts/bench_engine.py for the same (seconds, seed)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
-    return (0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
 
 
 def prepare_checkpoint(src: Path, dst: Path) -> list[str]:
@@ -232,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             stock_ttft(model, processor, samples, ids)  # warm-up
             stock = statistics.median(stock_ttft(model, processor, samples, ids)
                                       for _ in range(args.repeat))
-            median = {k: statistics.median(r[k] for r in runs) for k in runs[0] if not k.startswith("_")}
+            median = medians(runs)
             results.append({"clip": f"{seconds:g}s synthetic", "audio_seconds": samples.size / 16000,
                             **median, "audio_tokens": audio_tokens, "prompt_tokens": ids.shape[1],
                             "stock_tower_prefill": stock, "first_tokens": runs[-1]["_ids"][:8]})
@@ -250,23 +241,17 @@ def main(argv: list[str] | None = None) -> int:
         "system": f"mlx-vlm {mlx_vlm.__version__}",
         "model": args.model,
         "checkpoint_changes": changes,
-        "machine": f"{platform.machine()} {platform.system()}, mlx {mx.__version__}, device {mx.default_device()}",
+        "machine": machine(),
         "load_seconds": load_seconds,
         "clips": results,
-        "peak_mlx_memory_mb": mx.get_peak_memory() / 2**20,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / RSS_UNITS_PER_MB,
+        **memory(),
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"system: {report['system']}\nmodel: {args.model}\nmachine: {report['machine']}\n"
           f"load: {load_seconds:.2f} s\ncheckpoint changes: {'; '.join(changes) or 'none'}")
-    print(f"{'clip':>16} {'audio s':>7} {'tokens':>6} {'front-end ms':>12} {'tower ms':>9} "
-          f"{'prefill ms':>10} {'decode ms':>9} {'decode tok/s':>12}")
-    for r in results:
-        print(f"{r['clip']:>16} {r['audio_seconds']:7.2f} {int(r['tokens']):6d} {r['front_end'] * 1e3:12.1f} "
-              f"{r['audio_tower'] * 1e3:9.1f} {r['prefill'] * 1e3:10.1f} {r['decode'] * 1e3:9.1f} "
-              f"{r['decode_tok_s']:12.1f}")
+    print_table(results)
     for r in results:
         print(f"{r['clip']}: {r['audio_tokens']} audio tokens, {r['prompt_tokens']} prompt tokens; "
               f"stock generate_step tower+prefill {r['stock_tower_prefill'] * 1e3:.1f} ms; "
