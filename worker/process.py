@@ -152,10 +152,9 @@ class AudioQueue(Queue):
     """
 
     @classmethod
-    def dequeue_any(cls, queues, timeout, connection, job_class=None, serializer=None, death_penalty_class=None):
+    def dequeue_any(cls, queues, timeout, connection, **options):
         try:
-            return super().dequeue_any(queues, timeout, connection=connection, job_class=job_class,
-                                       serializer=serializer, death_penalty_class=death_penalty_class)
+            return super().dequeue_any(queues, timeout, connection=connection, **options)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             if hasattr(exc, "job_id"):
                 _put_back(connection, exc.job_id, exc.queue, exc)
