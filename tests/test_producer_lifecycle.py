@@ -414,8 +414,8 @@ def test_requeue_failed_job_clears_failure_and_runs_again(client, engine, tmp_pa
     assert [r.type.name for r in stored_job(client, job_id).results()] == ["SUCCESSFUL", "FAILED"]
 
 
-def test_requeue_clears_the_storage_retry_note(client, engine, s3_bucket, wav):
-    """Storage was down through every retry; once it is back, the requeued job runs clean."""
+def fail_through_a_storage_outage(client, engine, s3_bucket, wav) -> str:
+    """A job whose storage stayed down through its one retry: failed, storage_unavailable."""
     s3, bucket = s3_bucket
     s3.put_object(Bucket=bucket, Key="speech.wav", Body=wav.read_bytes())
     down = client.settings.model_copy(update={"s3_endpoint_url": closed_endpoint(), "storage_retries": 1})
@@ -423,6 +423,13 @@ def test_requeue_clears_the_storage_retry_note(client, engine, s3_bucket, wav):
     run_burst(down, engine)
     status = client.status(job_id)
     assert (status.state, status.failure.code, status.attempt) == ("failed", FailureCode.STORAGE_UNAVAILABLE, 2)
+    return job_id
+
+
+def test_requeue_clears_the_storage_retry_note(client, engine, s3_bucket, wav):
+    """Storage was down through every retry; once it is back, the requeued job runs clean."""
+    s3, _ = s3_bucket
+    job_id = fail_through_a_storage_outage(client, engine, s3_bucket, wav)
     assert record.META_RETRY in stored_job(client, job_id).meta  # the first attempt's note
 
     assert client.requeue([job_id])[0].action == "requeued"
@@ -460,13 +467,7 @@ def test_requeued_job_gets_its_storage_retries_again(client, engine, s3_bucket, 
     failures only while it is below ``storage_retries``; a requeue that kept the count
     would leave the job no retry at all.
     """
-    s3, bucket = s3_bucket
-    s3.put_object(Bucket=bucket, Key="speech.wav", Body=wav.read_bytes())
-    down = client.settings.model_copy(update={"s3_endpoint_url": closed_endpoint(), "storage_retries": 1})
-    job_id = client.enqueue({"audio_uri": f"s3://{bucket}/speech.wav"}).job_id
-    run_burst(down, engine)
-    status = client.status(job_id)
-    assert (status.state, status.failure.code, status.attempt) == ("failed", FailureCode.STORAGE_UNAVAILABLE, 2)
+    job_id = fail_through_a_storage_outage(client, engine, s3_bucket, wav)
     assert stored_job(client, job_id).number_of_retries == 1  # its one retry, spent
 
     assert client.requeue([job_id])[0].action == "requeued"
