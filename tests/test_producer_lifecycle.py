@@ -414,11 +414,16 @@ def test_requeue_failed_job_clears_failure_and_runs_again(client, engine, tmp_pa
     assert [r.type.name for r in stored_job(client, job_id).results()] == ["SUCCESSFUL", "FAILED"]
 
 
+def storage_down(client):
+    """The client's settings with S3 on a closed port and one storage retry."""
+    return client.settings.model_copy(update={"s3_endpoint_url": closed_endpoint(), "storage_retries": 1})
+
+
 def fail_through_a_storage_outage(client, engine, s3_bucket, wav) -> str:
     """A job whose storage stayed down through its one retry: failed, storage_unavailable."""
     s3, bucket = s3_bucket
     s3.put_object(Bucket=bucket, Key="speech.wav", Body=wav.read_bytes())
-    down = client.settings.model_copy(update={"s3_endpoint_url": closed_endpoint(), "storage_retries": 1})
+    down = storage_down(client)
     job_id = client.enqueue({"audio_uri": f"s3://{bucket}/speech.wav"}).job_id
     run_burst(down, engine)
     status = client.status(job_id)
@@ -475,7 +480,7 @@ def test_requeued_job_gets_its_storage_retries_again(client, engine, s3_bucket, 
     assert job.number_of_retries is None and not client.connection.hexists(job.key, "number_of_retries")
 
     # Still down: the requeued attempt fails on storage again and is scheduled for a retry.
-    run_one_job(down.model_copy(update={"storage_retry_backoff": [60.0]}), engine)
+    run_one_job(storage_down(client).model_copy(update={"storage_retry_backoff": [60.0]}), engine)
     status = client.status(job_id)
     assert (status.state, status.attempt, status.failure) == ("scheduled", 3, None), status.failure
     assert status.retry.code == FailureCode.STORAGE_UNAVAILABLE
