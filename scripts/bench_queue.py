@@ -4,7 +4,7 @@
 
 Starts its own redis-server on a free port (nothing kept on disk), then measures:
 - ``enqueue`` one request at a time (RQ ``unique``), jobs/s;
-- ``enqueue_many`` of ``--jobs`` new requests (pipelined create-if-absent), jobs/s, and the
+- ``enqueue_many`` of ``--jobs`` new requests (rq's unique-enqueue script, pipelined), jobs/s, and the
   same call again, which must create nothing;
 - a burst worker draining ``--drain`` jobs of 5 s clips (``file://`` WAVs, 16 new tokens)
   through the real engine: wall time and jobs/minute, i.e. the per-job queue overhead on top

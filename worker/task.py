@@ -28,7 +28,8 @@ from rq.job import Retry
 from producer.failures import AudioqError, FailureCode
 from producer.schema import JobRequest, JobResult, Segment
 from producer.settings import Settings
-from worker.audio import SAMPLE_RATE, decode_audio
+from worker.audio import decode_audio
+from worker.gemma4.features import SAMPLE_RATE
 from worker.gemma4.engine import ClipOutput, ClipRequest, Engine
 from worker.instructions import instruction_for
 from worker.lifecycle import JobRun
