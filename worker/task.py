@@ -2,9 +2,9 @@
 
 It runs in the worker process and reaches the resident engine through ``resident()``,
 installed once by the worker at start-up; a job never loads a model. The steps follow the
-data path — request → fetch → decode → engine → result → outputs — and take lists where
-the engine does, so that batching several jobs (or the chunks of long audio) through one
-``engine.run`` only changes how ``process_audio_job`` groups them. Everything that touches
+data path — request → fetch → decode → engine → result → outputs — and live in ``JobWork``,
+one job's side of the seam with the engine, so that a worker holding several jobs (and the
+chunks of long audio) feeds them all into one ``Engine.stream``. Everything that touches
 the job record (claim, progress, deadline, cancel, failure, retry) belongs to ``JobRun``.
 
 Policy choices:
@@ -19,11 +19,13 @@ Policy choices:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+import numpy as np
 
 from pydantic import ValidationError
 from rq import get_current_job
-from rq.job import Retry
+from rq.job import Job, Retry
 
 from producer.failures import AudioqError, FailureCode
 from producer.schema import JobRequest, JobResult, Segment
@@ -60,20 +62,6 @@ def resident() -> Resident:
     return _resident
 
 
-@dataclass
-class Prepared:
-    """One job's clip, decoded and ready for the engine."""
-
-    run: JobRun
-    request: JobRequest
-    clip: ClipRequest
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def audio_seconds(self) -> float:
-        return self.clip.samples.size / SAMPLE_RATE
-
-
 def parse_request(raw: object) -> JobRequest:
     try:
         return JobRequest.model_validate(raw)
@@ -92,52 +80,100 @@ def token_budget(request: JobRequest, settings: Settings) -> int:
     return request.max_new_tokens
 
 
-def prepare(run: JobRun, request: JobRequest, home: Resident) -> Prepared:
-    """Check the output location, then fetch and decode one job's audio into an engine clip."""
-    budget = token_budget(request, home.settings)
-    if request.output_uri:
-        check_output(request.output_uri, home.settings)
-    timings = {}
-    run.stage("fetch")
-    started = time.perf_counter()
-    with fetched_audio(request.audio_uri, home.settings) as path:
-        timings["fetch"] = time.perf_counter() - started
-        run.stage("decode_audio")
+class JobWork:
+    """One job from claim to result: the clips the engine must run for it, and what their outputs make.
+
+    The seam between a job and the engine. ``prepare`` does the job's own I/O (output check,
+    fetch, decode); ``clips`` hands the engine what is ready to run; ``clip_done`` takes each
+    output back; once ``complete``, ``result`` builds (and writes) the job's result. A worker
+    may hold many of these at once and feed all their clips into one ``Engine.stream``.
+    Failures of any step go through ``failed``.
+    """
+
+    def __init__(self, job: Job, raw_request: object, home: Resident):
+        self.job = job
+        self.home = home
+        self.run = JobRun(job, home.settings, home.worker_name)
+        self.raw_request = raw_request
+        self.request: JobRequest | None = None
+        self.samples: np.ndarray | None = None
+        self.timings: dict[str, float] = {}
+        self.pending: list[ClipRequest] = []
+        self.outputs: list[ClipOutput] = []
+
+    @property
+    def audio_seconds(self) -> float:
+        return 0.0 if self.samples is None else self.samples.size / SAMPLE_RATE
+
+    def prepare(self) -> None:
+        """Claim the job, check its request and output location, then fetch and decode its audio."""
+        self.run.claim()
+        self.request = request = parse_request(self.raw_request)
+        settings = self.home.settings
+        budget = token_budget(request, settings)
+        if request.output_uri:
+            check_output(request.output_uri, settings)
+        self.run.stage("fetch")
         started = time.perf_counter()
-        max_seconds = min(home.settings.max_audio_seconds, home.engine.max_clip_seconds)
-        samples = decode_audio(path, max_seconds=max_seconds)
-        timings["decode_audio"] = time.perf_counter() - started
-    item = Prepared(run, request, ClipRequest(samples, instruction_for(request), budget), timings)
-    run.audio_seconds = item.audio_seconds
-    return item
+        with fetched_audio(request.audio_uri, settings) as path:
+            self.timings["fetch"] = time.perf_counter() - started
+            self.run.stage("decode_audio")
+            started = time.perf_counter()
+            max_seconds = min(settings.max_audio_seconds, self.home.engine.max_clip_seconds)
+            self.samples = decode_audio(path, max_seconds=max_seconds)
+            self.timings["decode_audio"] = time.perf_counter() - started
+        self.run.audio_seconds = self.audio_seconds
+        self.pending = [ClipRequest(self.samples, instruction_for(request), budget, on_stage=self.run.stage)]
+
+    def clips(self) -> list[ClipRequest]:
+        """The clips ready to run now (each handed out once)."""
+        ready, self.pending = self.pending, []
+        return ready
+
+    def clip_done(self, clip: ClipRequest, output: ClipOutput) -> None:
+        self.outputs.append(output)
+
+    @property
+    def complete(self) -> bool:
+        return self.request is not None and not self.pending and len(self.outputs) == 1
+
+    def result(self) -> dict:
+        """The job's ``JobResult`` dict (RQ's return value), written to its output URI when it asked for one."""
+        (output,) = self.outputs
+        seconds = round(self.audio_seconds, 3)
+        result = JobResult(
+            text=output.text, segments=[Segment(start=0.0, end=seconds, text=output.text)],
+            model=self.home.engine.model_id, audio_seconds=seconds, timings={**self.timings, **output.timings},
+            worker=self.home.worker_name, tokens=len(output.tokens), audio_tokens=output.audio_tokens,
+            metadata=self.request.metadata)
+        prefix = self.request.output_uri
+        if prefix:
+            self.run.stage("write")
+            started = time.perf_counter()
+            result.output_uris = list(output_uris(prefix, self.job.id))
+            write_outputs(prefix, self.job.id, result, self.home.settings)
+            result.timings["write"] = time.perf_counter() - started
+        return result.model_dump(mode="json")
+
+    def failed(self, exc: BaseException) -> Retry:
+        """A ``Retry`` for RQ when storage may recover; otherwise the failure goes on the record and
+        ``JobFailed`` is raised."""
+        failure = self.run.failure(exc)
+        retry = self.run.retry_later(failure)
+        if retry is not None:
+            return retry
+        raise self.run.fail(failure) from None
 
 
-def infer(engine: Engine, batch: list[Prepared]) -> list[ClipOutput]:
-    """One engine call for the whole batch; every run checks its deadline and cancel flag."""
+def run_alone(engine: Engine, work: JobWork) -> None:
+    """Run one job's clips through the engine; the first clip that fails raises."""
 
-    def on_stage(stage: str) -> None:
-        for item in batch:
-            item.run.stage(stage)
+    def on_done(clip: ClipRequest, outcome: ClipOutput | BaseException) -> None:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        work.clip_done(clip, outcome)
 
-    return engine.run([item.clip for item in batch], on_stage=on_stage)
-
-
-def finish(item: Prepared, output: ClipOutput, home: Resident) -> JobResult:
-    """The job's result, written to its output URI when it asked for one."""
-    seconds = round(item.audio_seconds, 3)
-    result = JobResult(
-        text=output.text, segments=[Segment(start=0.0, end=seconds, text=output.text)],
-        model=home.engine.model_id, audio_seconds=seconds, timings={**item.timings, **output.timings},
-        worker=home.worker_name, tokens=len(output.tokens), audio_tokens=output.audio_tokens,
-        metadata=item.request.metadata)
-    prefix = item.request.output_uri
-    if prefix:
-        item.run.stage("write")
-        started = time.perf_counter()
-        result.output_uris = list(output_uris(prefix, item.run.job.id))
-        write_outputs(prefix, item.run.job.id, result, home.settings)
-        result.timings["write"] = time.perf_counter() - started
-    return result
+    engine.stream(lambda free: work.clips()[:free] if free else [], on_done)
 
 
 def process_audio_job(request: dict) -> dict | Retry:
@@ -147,15 +183,10 @@ def process_audio_job(request: dict) -> dict | Retry:
     makes RQ mark the job failed; a ``Retry`` is returned when storage may recover.
     """
     home = resident()
-    run = JobRun(get_current_job(), home.settings, home.worker_name)
+    work = JobWork(get_current_job(), request, home)
     try:
-        run.claim()
-        item = prepare(run, parse_request(request), home)
-        (output,) = infer(home.engine, [item])
-        return finish(item, output, home).model_dump(mode="json")
+        work.prepare()
+        run_alone(home.engine, work)
+        return work.result()
     except Exception as exc:
-        failure = run.failure(exc)
-        retry = run.retry_later(failure)
-        if retry is not None:
-            return retry
-        raise run.fail(failure) from None
+        return work.failed(exc)

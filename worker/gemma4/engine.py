@@ -1,16 +1,26 @@
 """The resident Gemma 4 audio engine: clips in, text out.
 
-``Engine.run`` takes a list of clips so that callers (the queue worker, the local
-``transcribe`` command) never assume one clip per call: today the front-end and the audio
-tower already run the whole list as one padded batch, and decoding goes clip by clip;
-batched decoding can replace that loop without changing the interface.
+Two calls, one seam for every caller (the queue worker, the local ``transcribe`` command,
+the chunks of a long recording):
+
+- ``Engine.stream(feed, on_done)``: clips arrive while others run. Before every decode step
+  the engine asks ``feed(free)`` for up to ``free`` new clips and reports each clip's outcome
+  to ``on_done`` as soon as it is known, so a finished clip never waits for the others.
+- ``Engine.run(clips)``: a fixed list, outputs in order (``stream`` underneath).
+
+A clip may carry its own ``on_stage`` hook, called at every stage boundary of that clip
+(and at every decode step while it generates): a hook that raises (a job's deadline or
+cancel) drops that clip alone, and its exception is its outcome. A clip without samples
+is a text-only turn (a question over a transcript). Today clips run one at a time;
+batching replaces the inside of ``stream`` without changing this interface.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -25,11 +35,13 @@ from worker.gemma4.prompt import PromptBuilder
 StageHook = Callable[[str], None]
 
 
-@dataclass
+@dataclass(eq=False)
 class ClipRequest:
-    samples: np.ndarray  # mono float32 at 16 kHz, in [-1, 1]
+    samples: np.ndarray | None  # mono float32 at 16 kHz in [-1, 1]; None: a text-only turn
     instruction: str
     max_new_tokens: int
+    on_stage: StageHook | None = None  # this clip's check point; raising drops the clip
+    tag: Any = None  # the caller's, untouched
 
 
 @dataclass
@@ -38,6 +50,10 @@ class ClipOutput:
     tokens: list[int]  # generated ids, stop token excluded
     audio_tokens: int  # soft tokens inserted into the prompt
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+Feed = Callable[[int], Iterable[ClipRequest]]
+DoneHook = Callable[[ClipRequest, "ClipOutput | BaseException"], None]
 
 
 def check_clip(samples: np.ndarray) -> int:
@@ -101,30 +117,82 @@ class Engine:
         return self.model.audio_tower.output_proj.weight.dtype
 
     def run(self, clips: list[ClipRequest], on_stage: StageHook | None = None) -> list[ClipOutput]:
-        """Transcribe/understand each clip with its own instruction and token budget."""
-        hook = on_stage or (lambda stage: None)
-        counts = [check_clip(c.samples) for c in clips]
-        hook("front_end")
-        rows, shared = self.encode([c.samples for c in clips], hook)
-        outputs = []
-        for clip, count, clip_rows in zip(clips, counts, rows):
-            if clip_rows.shape[0] != count:
+        """Every clip with its own instruction and token budget; outputs in order.
+
+        The first clip that fails raises its error (after the others ran). ``on_stage`` is
+        called at the stage boundaries of every clip, after the clip's own hook.
+        """
+        pending = [self._with_hook(c, on_stage) for c in clips]
+        position = {id(c): i for i, c in enumerate(pending)}
+        outcomes: list[ClipOutput | BaseException | None] = [None] * len(clips)
+
+        def feed(free: int) -> list[ClipRequest]:
+            taken = pending[:free]
+            del pending[:free]
+            return taken
+
+        def on_done(clip: ClipRequest, outcome: ClipOutput | BaseException) -> None:
+            outcomes[position[id(clip)]] = outcome
+
+        self.stream(feed, on_done)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return outcomes
+
+    @staticmethod
+    def _with_hook(clip: ClipRequest, extra: StageHook | None) -> ClipRequest:
+        if extra is None:
+            return clip
+        own = clip.on_stage
+
+        def hook(stage: str) -> None:
+            if own is not None:
+                own(stage)
+            extra(stage)
+
+        return ClipRequest(clip.samples, clip.instruction, clip.max_new_tokens, hook, clip.tag)
+
+    def stream(self, feed: Feed, on_done: DoneHook) -> None:
+        """Run clips from ``feed`` until it gives none and none is running (see the module's docstring).
+
+        An exception raised by ``feed`` or ``on_done`` ends the stream and goes to the caller.
+        """
+        while True:
+            clips = list(feed(1))
+            if not clips:
+                return
+            for clip in clips:
+                try:
+                    outcome = self._one(clip)
+                except Exception as exc:
+                    outcome = exc
+                on_done(clip, outcome)
+
+    def _one(self, clip: ClipRequest) -> ClipOutput:
+        hook = clip.on_stage or (lambda stage: None)
+        timings: dict[str, float] = {}
+        count, rows = 0, None
+        if clip.samples is not None:
+            count = check_clip(clip.samples)
+            hook("front_end")
+            (rows,), timings = self.encode([clip.samples], hook)
+            if rows.shape[0] != count:
                 raise AudioqError(FailureCode.MODEL_ERROR,
-                                  f"encoder gave {clip_rows.shape[0]} audio rows, expected {count}")
-            hook("prefill")
-            timings = dict(shared)
-            started = time.perf_counter()
+                                  f"encoder gave {rows.shape[0]} audio rows, expected {count}")
             ids = self.prompts.audio_prompt(clip.instruction, count)
-            tokens: list[int] = []
-            first = None
-            for token in self.decoder.greedy(ids, clip_rows, clip.max_new_tokens,
-                                             self.model.config.tokens.stop, lambda: hook("generate")):
-                if first is None:
-                    first = time.perf_counter()
-                tokens.append(token)
-            done = time.perf_counter()
-            timings["prefill"] = (first or done) - started
-            timings["generate"] = done - (first or done)
-            outputs.append(ClipOutput(text=self.prompts.reply_text(tokens), tokens=tokens,
-                                      audio_tokens=count, timings=timings))
-        return outputs
+        else:
+            ids = self.prompts.text_prompt(clip.instruction)
+        hook("prefill")
+        started = time.perf_counter()
+        tokens: list[int] = []
+        first = None
+        for token in self.decoder.greedy(ids, rows, clip.max_new_tokens, self.model.config.tokens.stop,
+                                         lambda: hook("generate")):
+            if first is None:
+                first = time.perf_counter()
+            tokens.append(token)
+        done = time.perf_counter()
+        timings["prefill"] = (first or done) - started
+        timings["generate"] = done - (first or done)
+        return ClipOutput(text=self.prompts.reply_text(tokens), tokens=tokens, audio_tokens=count, timings=timings)

@@ -51,6 +51,12 @@ class PromptBuilder:
             + [self.turn_open] + self._text("model\n")
         )
 
+    def text_prompt(self, instruction: str) -> list[int]:
+        """Token ids of a user turn holding text only (a question over a transcript)."""
+        t = self.tokens
+        return ([t.bos, self.turn_open] + self._text("user\n") + self._text(instruction.strip())
+                + [self.turn_close] + self._text("\n") + [self.turn_open] + self._text("model\n"))
+
     def reply_text(self, tokens: list[int]) -> str:
         """The reply's text, without a leading thought channel (``<|channel>…<channel|>``)."""
         if tokens and tokens[0] == self.channel_open and self.channel_close in tokens:
