@@ -6,15 +6,18 @@ recorded failure and that the side effect the job asked for did not happen.
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
+import zlib
 
 import pytest
 from conftest import make_tone
+from http_servers import listener  # noqa: F401 (fixture)
 from rq import Queue
 from rq.job import Callback, Job
-from worker_fixtures import (MARK_ENV, PickleBomb, enqueue, enqueue_raw, failure_code, fetch,  # noqa: F401
-                             redis_proxy, run_burst, worker_settings, write_wav)
+from worker_fixtures import (MARK_ENV, PickleBomb, closed_endpoint, enqueue, enqueue_raw,  # noqa: F401
+                             failure_code, fetch, redis_proxy, run_burst, worker_settings, write_wav)
 
 from producer import record
 
@@ -144,3 +147,113 @@ def test_redis_failing_while_a_job_is_read_leaves_the_job_queued_not_failed(redi
     assert job.id not in job.failed_job_registry
     assert fetch(redis_conn, behind.id).get_status() == "finished"
     assert job.started_at < fetch(redis_conn, behind.id).started_at  # it went back to the front
+
+
+# ------------------------------------------------------------------ RQ fields audioq never writes
+def webhooks(url: str, *statuses: str) -> str:
+    return json.dumps([{"url": f"{url}/{status}/{method}", "job_status": status, "method": method,
+                        "headers": None, "timeout": 2} for status in statuses for method in ("GET", "POST")])
+
+
+def test_webhooks_in_a_job_record_are_never_called(redis_url, redis_conn, engine, good_request,
+                                                    listener):  # noqa: F811
+    good = enqueue(redis_conn, good_request)
+    refused = json_queue(redis_conn).enqueue("os.system", "true")
+    for job in (good, refused):
+        redis_conn.hset(job.key, "webhooks", webhooks(listener.url, "finished", "failed"))
+    run_burst(worker_settings(redis_url), engine)
+    assert fetch(redis_conn, good.id).get_status() == "finished"
+    assert failure_code(fetch(redis_conn, refused.id)) == "invalid_request"
+    assert listener.requests == []
+
+
+def test_rq_retry_fields_in_a_record_never_run_a_failed_job_again(redis_url, redis_conn, engine, tmp_path):
+    job = enqueue(redis_conn, {"audio_uri": (tmp_path / "missing.wav").as_uri()})
+    redis_conn.hset(job.key, mapping={"retries_left": 3, "retry_intervals": "[0]"})
+    run_burst(worker_settings(redis_url), engine)
+    job = fetch(redis_conn, job.id)
+    assert job.get_status() == "failed" and failure_code(job) == "audio_not_found"
+    assert job.get_meta()[record.META_ATTEMPT] == 1 and [r.type.name for r in job.results()] == ["FAILED"]
+
+
+def test_rq_repeat_fields_in_a_record_never_run_a_finished_job_again(redis_url, redis_conn, engine, good_request):
+    job = enqueue(redis_conn, good_request)
+    redis_conn.hset(job.key, mapping={"repeats_left": 3, "repeat_intervals": "[0]"})
+    run_burst(worker_settings(redis_url), engine)
+    job = fetch(redis_conn, job.id)
+    assert job.get_status() == "finished" and job.get_meta()[record.META_ATTEMPT] == 1
+    assert len(job.results()) == 1 and not json_queue(redis_conn).get_job_ids()
+
+
+def test_jobs_named_as_dependents_in_redis_are_not_enqueued_by_a_finishing_job(redis_url, redis_conn, engine,
+                                                                               good_request):
+    good = enqueue(redis_conn, good_request)
+    waiting = enqueue(redis_conn, {**good_request, "max_new_tokens": 4})
+    json_queue(redis_conn).remove(waiting.id)
+    redis_conn.hset(waiting.key, "status", "deferred")
+    redis_conn.sadd(good.dependents_key, waiting.id)
+    run_burst(worker_settings(redis_url), engine)
+    assert fetch(redis_conn, good.id).get_status() == "finished"
+    assert fetch(redis_conn, waiting.id).get_status() == "deferred"
+
+
+def test_a_negative_retry_count_in_a_record_buys_no_extra_storage_retries(redis_url, redis_conn, engine,
+                                                                          monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    job = enqueue(redis_conn, {"audio_uri": "s3://audio/a.wav"})
+    redis_conn.hset(job.key, "number_of_retries", -5)
+    run_burst(worker_settings(redis_url, s3_endpoint_url=closed_endpoint(), storage_retries=1,
+                              storage_retry_backoff=[0.0]), engine)
+    job = fetch(redis_conn, job.id)
+    assert job.get_status() == "failed" and job.get_meta()[record.META_ATTEMPT] == 2
+
+
+# ------------------------------------------------------------------ garbled records
+def job_data(*fields) -> bytes:
+    return zlib.compress(json.dumps(fields).encode())
+
+
+GARBLED = {
+    "no data field": (lambda conn, job: conn.hdel(job.key, "data"), "has no 'data' field"),
+    "args null": (lambda conn, job: conn.hset(job.key, "data", job_data(record.TASK_FUNC, None, None, {})),
+                  "only argument is its request dict"),
+    "args an integer": (lambda conn, job: conn.hset(job.key, "data", job_data(record.TASK_FUNC, None, 7, {})),
+                        "only argument is its request dict"),
+    "kwargs a list": (lambda conn, job: conn.hset(job.key, "data", job_data(record.TASK_FUNC, None,
+                                                                            [{"audio_uri": "s3://a/b"}], [])),
+                      "no keyword arguments"),
+    "data not a 4-list": (lambda conn, job: conn.hset(job.key, "data", job_data(record.TASK_FUNC)),
+                          "data is not the JSON list"),
+    "pickled meta": (lambda conn, job: conn.hset(job.key, "meta", pickle.dumps({"attempt": 1})),
+                     "meta is not a JSON object"),
+    "meta a list": (lambda conn, job: conn.hset(job.key, "meta", "[1, 2]"), "meta is not a JSON object"),
+    "attempt not a number": (lambda conn, job: conn.hset(job.key, "meta", json.dumps({"attempt": "x"})),
+                             "'attempt' must be a whole number"),
+    "id with a newline": (None, "Job ID must only contain"),
+}
+
+
+@pytest.mark.parametrize("garble", GARBLED, ids=list(GARBLED))
+def test_a_garbled_record_ends_invalid_request_with_a_sentence(redis_url, redis_conn, engine, good_request,
+                                                               garble, caplog):
+    change, says = GARBLED[garble]
+    job = enqueue(redis_conn, good_request, job_id="garbled")
+    if change is None:  # the same record under an id audioq could not have written
+        redis_conn.rename(job.key, "rq:job:bad\nid")
+        json_queue(redis_conn).remove(job.id)
+        json_queue(redis_conn).push_job_id("bad\nid")
+        key = "rq:job:bad\nid"
+    else:
+        change(redis_conn, job)
+        key = job.key
+    good = enqueue(redis_conn, {**good_request, "max_new_tokens": 4})
+    with caplog.at_level(logging.INFO):
+        run_burst(worker_settings(redis_url), engine)
+    assert fetch(redis_conn, good.id).get_status() == "finished"  # the worker went on
+    assert not any("\n" in r.getMessage() for r in caplog.records)  # no forged log lines
+    assert redis_conn.hget(key, "status") == b"failed"
+    failure = json.loads(redis_conn.hget(key, "meta"))[record.META_FAILURE]
+    assert failure["code"] == "invalid_request" and says in failure["message"], failure
+    assert not json_queue(redis_conn).get_job_ids() and not redis_conn.lrange(
+        json_queue(redis_conn).intermediate_queue_key, 0, -1)

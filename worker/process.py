@@ -42,6 +42,7 @@ from rq.worker import SimpleWorker
 
 from producer import record
 from producer.failures import AudioqError, FailureCode
+from producer.printable import printable
 from producer.settings import Settings
 from worker import reaper, task
 from worker.failures import failure_for
@@ -275,7 +276,7 @@ class AudioWorker(SimpleWorker):
         """
         error = AudioqError(FailureCode.INVALID_REQUEST, f"the job record cannot be read: {type(exc).__name__}: {exc}")
         failure = failure_for(error, attempt=1, worker=self.name)
-        log.error("job %s: %s", job_id, failure.message)
+        log.error("job %s: %s", printable(job_id), failure.message)
         key, ttl = AudioJob.key_for(job_id), self.settings.failure_ttl
         with self.connection.pipeline() as pipe:
             while True:
