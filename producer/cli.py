@@ -23,8 +23,9 @@ one shape. ``info`` writes an object.
 Exit codes, the same for every command:
 
 - 0: success.
-- 1: a job named on the command line failed, was canceled or is unknown (``status``,
-  ``wait``, ``results``; ``results`` also when a job has no result yet), or is unknown
+- 1: a job named on the command line failed, was canceled, is unknown or its record is
+  unreadable (``status``, ``wait``, ``results``; ``results`` also when a job has no
+  result yet), or is unknown
   (``cancel``, ``requeue``). ``transcribe``: a file could not be transcribed.
 - 2: ``wait`` timed out, or the command line was wrong (argparse's own errors and
   combinations of options that do not go together).
@@ -34,6 +35,9 @@ Exit codes, the same for every command:
   onto these codes.
 
 Errors are one line on stderr, never a traceback (set ``AUDIOQ_DEBUG=1`` to get one).
+Text read from Redis (ids, URIs, messages, names) is printed through ``printable``, so a
+crafted record cannot forge lines or send escape codes to the terminal; ``--json`` output
+is JSON-escaped by itself.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from pydantic import ValidationError
 
 from producer.failures import AudioqError
 from producer.manifest import PRIORITIES, ManifestError, describe_validation_error
+from producer.printable import printable
 from producer.progress_bar import ProgressLine
 from producer.settings import Settings, load_settings
 
@@ -80,6 +85,8 @@ def _progress(total: int, label: str) -> ProgressLine | None:
 
 
 def _detail(status) -> str:
+    if status.state == "unreadable":
+        return status.reason or ""
     again = f" (again, after {status.retry.code.value})" if status.retry else ""
     if status.state == "queued":
         return (f"position {status.position}" if status.position is not None else "") + again
@@ -102,7 +109,7 @@ def _print_statuses(statuses, as_json: bool) -> None:
         _emit_json([s.model_dump(mode="json") for s in statuses])
         return
     for s in statuses:
-        print("  ".join(part for part in (s.id, s.state, s.queue or "-", _detail(s)) if part))
+        print("  ".join(printable(part) for part in (s.id, s.state, s.queue or "-", _detail(s)) if part))
 
 
 def _unknown(statuses) -> int:
@@ -113,8 +120,8 @@ def _unknown(statuses) -> int:
 
 
 def _any_failed(statuses) -> bool:
-    """Whether a job failed, was canceled or is unknown (exit code 1)."""
-    return any(s.state in ("failed", "canceled", "not_found") for s in statuses)
+    """Whether a job failed, was canceled, is unknown or unreadable (exit code 1)."""
+    return any(s.state in ("failed", "canceled", "not_found", "unreadable") for s in statuses)
 
 
 # ---------------------------------------------------------------------- commands
@@ -195,6 +202,7 @@ def cmd_status(args, settings: Settings) -> int:
 
 def cmd_wait(args, settings: Settings) -> int:
     from producer.client import WaitTimeout
+    from producer.status import TERMINAL_STATES
 
     bar = _progress(len(set(args.ids)), "wait")
     known: dict[str, str] = {}
@@ -202,7 +210,7 @@ def cmd_wait(args, settings: Settings) -> int:
     def on_update(status) -> None:
         known[status.id] = status.state
         if bar is not None:
-            done = sum(state in ("finished", "failed", "canceled", "not_found") for state in known.values())
+            done = sum(state in TERMINAL_STATES for state in known.values())
             counts = {state: list(known.values()).count(state) for state in ("started", "failed", "canceled")}
             note = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
             bar.update(done, note)
@@ -228,15 +236,18 @@ def cmd_results(args, settings: Settings) -> int:
     if args.json or args.format == "json":
         _emit_json([{"id": s.id, "state": s.state,
                      "result": s.result.model_dump(mode="json") if s.result else None,
-                     "failure": s.failure.model_dump(mode="json") if s.failure else None} for s in statuses])
+                     "failure": s.failure.model_dump(mode="json") if s.failure else None,
+                     **({"reason": s.reason} if s.reason else {})} for s in statuses])
     else:
         for s in statuses:
             if s.result is not None:
                 if len(statuses) > 1:
                     print(f"== {s.id} ==")
-                print(s.result.text)
+                print(printable(s.result.text, keep="\n\t"))  # a transcript's own lines stay lines
             elif s.failure is not None:
-                _say(f"{s.id}: {s.state}: {s.failure.code.value}: {s.failure.message}")
+                _say(printable(f"{s.id}: {s.state}: {s.failure.code.value}: {s.failure.message}"))
+            elif s.state == "unreadable":
+                _say(printable(f"{s.id}: unreadable: {s.reason}"))
             elif s.state == "not_found":
                 _say(f"unknown job {s.id}")
             else:
@@ -250,8 +261,8 @@ def cmd_list(args, settings: Settings) -> int:
         _emit_json([s.model_dump(mode="json") for s in statuses])
     else:
         for s in statuses:
-            uri = s.request.audio_uri if s.request else "-"
-            print(f"{s.id}  {s.state}  {s.queue or '-'}  {uri}")
+            what = s.reason if s.state == "unreadable" else s.request.audio_uri if s.request else "-"
+            print("  ".join(printable(part) for part in (s.id, s.state, s.queue or "-", what)))
     return EXIT_OK
 
 
@@ -260,7 +271,7 @@ def _print_actions(outcomes, as_json: bool) -> int:
         _emit_json([o.model_dump(mode="json") for o in outcomes])
     else:
         for o in outcomes:
-            print(f"{o.job_id}  {o.action}  {o.message}")
+            print(printable(f"{o.job_id}  {o.action}  {o.message}"))
     return EXIT_JOB_FAILED if any(o.action == "not_found" for o in outcomes) else EXIT_OK
 
 
@@ -294,15 +305,16 @@ def cmd_info(args, settings: Settings) -> int:
         _emit_json(info.model_dump(mode="json"))
         return EXIT_OK
     columns = ("queued", "started", "finished", "failed", "canceled", "scheduled", "deferred")
-    width = max([len("queue"), *(len(q.name) for q in info.queues)])
+    width = max([len("queue"), *(len(printable(q.name)) for q in info.queues)])
     print(f"{'queue':<{width}}  " + "  ".join(f"{c:>9}" for c in columns) + "  oldest")
     for q in info.queues:
         counts = "  ".join(f"{getattr(q, c):>9}" for c in columns)
-        print(f"{q.name:<{width}}  {counts}  {_age(q.oldest_queued_seconds)}")
+        print(f"{printable(q.name):<{width}}  {counts}  {_age(q.oldest_queued_seconds)}")
     print(f"{len(info.workers)} worker(s)")
     for w in info.workers:
         beat = w.last_heartbeat.isoformat(timespec="seconds") if w.last_heartbeat else "-"
-        print(f"  {w.name}  {w.state}  job={w.current_job or '-'}  heartbeat={beat}  queues={','.join(w.queues)}")
+        print(printable(f"  {w.name}  {w.state}  job={w.current_job or '-'}  heartbeat={beat}  "
+                        f"queues={','.join(w.queues)}"))
     return EXIT_OK
 
 

@@ -82,6 +82,22 @@ return redis.call('ZCARD', KEYS[1])
 """
 
 
+class _Unreadable(Exception):
+    """A record that cannot be read; its text is the reason shown."""
+
+
+def _reason(exc: BaseException) -> str:
+    """One line on why a record cannot be read, for ``JobStatus.reason``."""
+    if isinstance(exc, _Unreadable):
+        return str(exc)
+    if isinstance(exc, redis.ResponseError) and str(exc).startswith("WRONGTYPE"):
+        return "its key holds another Redis type, not a job hash"
+    if isinstance(exc, NoSuchJobError):  # RQ's word for a hash without "data"
+        return "it has no 'data' field (the function to run and its arguments)"
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class WaitTimeout(TimeoutError):
     """``wait`` ran out of time. ``statuses`` holds the last status seen for every job."""
 
@@ -269,14 +285,19 @@ class Client:
         """Statuses in the order asked, in two pipelined round trips whatever the count.
 
         The first reads the job hashes. The second reads queue positions of waiting jobs
-        and the latest result of ended ones.
+        and the latest result of ended ones. A record that cannot be read (not a job hash,
+        a field RQ cannot parse, a result that is not JSON) is reported as ``unreadable``
+        with its reason; the others are reported as usual.
         """
-        ids = [check_job_id(job_id) for job_id in job_ids]
-        jobs = Job.fetch_many(ids, connection=self.connection, serializer=record.SERIALIZER)
+        return self._statuses([check_job_id(job_id) for job_id in job_ids])
+
+    def _statuses(self, ids: Sequence[str]) -> list[JobStatus]:
+        """``status_many`` for ids as found in Redis: an id audioq could not have written is unreadable too."""
+        jobs = self._jobs(ids)
         asks: list[tuple[int, str]] = []
         with self.connection.pipeline(transaction=False) as pipe:
             for index, job in enumerate(jobs):
-                if job is None:
+                if not isinstance(job, Job):
                     continue
                 rq_status = job.get_status(refresh=False)
                 if rq_status in (RQStatus.QUEUED, RQStatus.CREATED) and job.origin:
@@ -285,21 +306,61 @@ class Client:
                 elif rq_status in (RQStatus.FINISHED, RQStatus.FAILED, RQStatus.STOPPED):
                     pipe.xrevrange(Result.get_key(job.id), "+", "-", count=1)
                     asks.append((index, "latest"))
-            replies = pipe.execute() if asks else []
+            replies = pipe.execute(raise_on_error=False) if asks else []
         found: dict[int, dict[str, Any]] = {}
         for (index, what), reply in zip(asks, replies):
-            if what == "latest":
-                reply = self._result_from_stream(ids[index], reply)
             found[index] = {what: reply}
-        return [build_status(job_id, job, **found.get(index, {}))
-                for index, (job_id, job) in enumerate(zip(ids, jobs))]
+        statuses = []
+        for index, (job_id, job) in enumerate(zip(ids, jobs)):
+            try:
+                if isinstance(job, str):
+                    raise _Unreadable(job)
+                asked = found.get(index, {})
+                if "latest" in asked:
+                    asked["latest"] = self._result_from_stream(job_id, asked["latest"])
+                elif isinstance(asked.get("position"), Exception):
+                    raise asked["position"]
+                statuses.append(build_status(job_id, job, **asked))
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise
+            except Exception as exc:  # hostile data can break any parser; it is the record's fault
+                statuses.append(JobStatus(id=job_id, state="unreadable", reason=_reason(exc)))
+        return statuses
+
+    def _jobs(self, ids: Sequence[str]) -> list[Job | str | None]:
+        """Each id's parsed job, None when it has no record, or the reason its record cannot be read."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(Job.key_for(job_id))
+            replies = pipe.execute(raise_on_error=False)
+        jobs: list[Job | str | None] = []
+        for job_id, raw in zip(ids, replies):
+            try:
+                job = Job(job_id, connection=self.connection, serializer=record.SERIALIZER)  # checks the id
+                if isinstance(raw, Exception):
+                    raise raw
+                if not raw:
+                    jobs.append(None)
+                    continue
+                job.restore(raw)
+                jobs.append(job)
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise
+            except Exception as exc:
+                jobs.append(_reason(exc))
+        return jobs
 
     def _result_from_stream(self, job_id: str, entries: list) -> Result | None:
+        if isinstance(entries, Exception):
+            raise entries
         if not entries:
             return None
         result_id, payload = entries[0]
-        return Result.restore(job_id, result_id.decode(), payload, connection=self.connection,
-                              serializer=record.SERIALIZER)
+        try:
+            return Result.restore(job_id, result_id.decode(), payload, connection=self.connection,
+                                  serializer=record.SERIALIZER)
+        except Exception as exc:
+            raise _Unreadable(f"its latest result cannot be read ({_reason(exc)})") from None
 
     def results(self, job_ids: Sequence[str]) -> dict[str, JobResult | JobFailure | None]:
         """The result of each finished job, the failure of each failed or canceled one, else None."""
@@ -310,7 +371,7 @@ class Client:
         with self.connection.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hget(Job.key_for(job_id), "status")
-            raw = dict(zip(job_ids, pipe.execute()))
+            raw = dict(zip(job_ids, pipe.execute(raise_on_error=False)))  # WRONGTYPE: an error, never "started"
         running = [job_id for job_id, st in raw.items() if st == b"started"]
         metas = {}
         if running:
@@ -383,7 +444,7 @@ class Client:
             for name in names:
                 ids.extend(self._ids_in(st, name, offset + limit - len(ids)))
         ids = list(dict.fromkeys(ids))[offset:offset + limit]
-        return [s for s in self.status_many(ids) if s.state != "not_found"]
+        return [s for s in self._statuses(ids) if s.state != "not_found"]
 
     # ---------------------------------------------------------------- actions
     def cancel(self, job_id: str) -> ActionOutcome:
@@ -530,8 +591,7 @@ class Client:
     def _enqueued_at(self, job_ids: list[str]) -> dict[str, Any]:
         if not job_ids:
             return {}
-        jobs = Job.fetch_many(job_ids, connection=self.connection, serializer=record.SERIALIZER)
-        return {job.id: job.enqueued_at for job in jobs if job is not None and job.enqueued_at}
+        return {job.id: job.enqueued_at for job in self._jobs(job_ids) if isinstance(job, Job) and job.enqueued_at}
 
     def _workers(self) -> list[WorkerInfo]:
         workers = []

@@ -21,8 +21,11 @@ from producer import record
 from producer.failures import RETRYABLE, FailureCode
 from producer.schema import JobFailure, JobRequest, JobResult, Progress
 
-State = Literal["queued", "scheduled", "deferred", "started", "finished", "failed", "canceled", "not_found"]
-TERMINAL_STATES = frozenset({"finished", "failed", "canceled", "not_found"})
+State = Literal["queued", "scheduled", "deferred", "started", "finished", "failed", "canceled", "not_found",
+                "unreadable"]
+# "unreadable": the record exists but cannot be read (see ``JobStatus.reason``); nothing a
+# reader waits for will change that, so it ends a ``wait`` like a failure.
+TERMINAL_STATES = frozenset({"finished", "failed", "canceled", "not_found", "unreadable"})
 
 # RQ's own statuses → ours. "stopped" only happens when someone stops a job by hand.
 _RQ_STATES: dict[str, State] = {
@@ -54,6 +57,7 @@ class JobStatus(BaseModel):
     started_at: datetime | None = None
     ended_at: datetime | None = None
     request: JobRequest | None = None
+    reason: str | None = None  # why an unreadable record cannot be read
 
     @property
     def terminal(self) -> bool:
@@ -160,7 +164,7 @@ def build_status(job_id: str, job: Job | None, *, position: int | None = None,
     if job is None:
         return JobStatus(id=job_id, state="not_found")
     state = _RQ_STATES.get(job.get_status(refresh=False), "queued")
-    meta = job.meta or {}
+    meta = job.meta if isinstance(job.meta, dict) else {}
     attempt = meta.get(record.META_ATTEMPT)
     attempt = attempt if isinstance(attempt, int) else None
     status = JobStatus(

@@ -6,9 +6,12 @@ tiny random-weight checkpoint, on WAVs written here; failures come from real bad
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+import logging
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +138,77 @@ def test_list_and_info(cli, client):
     assert code == 0 and {q["name"]: q["queued"] for q in json.loads(out)["queues"]}["default"] == 1
     code, out, _ = cli("info")
     assert code == 0 and out.splitlines()[2].split()[:2] == ["default", "1"] and "0 worker(s)" in out
+
+
+# ------------------------------------------------------------------ records that cannot be read
+def unreadable_records(redis_conn, client) -> dict[str, str]:
+    """One record of each unreadable kind beside a good one; returns id → what its reason says."""
+    good = client.enqueue({"audio_uri": "s3://audio/good.wav"}).job_id
+    redis_conn.set("rq:job:not-a-hash", "a string")
+    redis_conn.rpush("rq:queue:default", "not-a-hash")
+    garbled = client.enqueue({"audio_uri": "s3://audio/garbled.wav"}).job_id
+    redis_conn.hset(f"rq:job:{garbled}", "status", "no-such-status")
+    pickled = client.enqueue({"audio_uri": "s3://audio/pickled.wav"}).job_id
+    redis_conn.hset(f"rq:job:{pickled}", "status", "finished")
+    redis_conn.zadd("rq:finished:default", {pickled: 1, "bad id!": 1})
+    redis_conn.xadd(f"rq:results:{pickled}", {"type": 1, "created_at": 0, "worker_name": "w",
+                                               "return_value": base64.b64encode(pickle.dumps({"text": "hi"}))})
+    return {good: "s3://audio/good.wav", "not-a-hash": "another Redis type", garbled: "no-such-status",
+            pickled: "latest result cannot be read", "bad id!": "Job ID must only contain"}
+
+
+def test_list_shows_each_unreadable_record_with_its_reason_and_the_rest(cli, client, redis_conn):
+    expected = unreadable_records(redis_conn, client)
+    code, out, _ = cli("list")
+    lines = {line.split("  ")[0]: line for line in out.splitlines()}
+    assert code == 0 and set(lines) == set(expected), out
+    for job_id, says in expected.items():
+        assert says in lines[job_id] and ("unreadable" in lines[job_id]) == (not says.startswith("s3://"))
+    docs = {d["id"]: d for d in json.loads(cli("list", "--json")[1])}
+    assert docs["not-a-hash"]["state"] == "unreadable" and "Redis type" in docs["not-a-hash"]["reason"]
+
+
+def test_status_and_results_show_unreadable_records_and_exit_1(cli, client, redis_conn):
+    expected = unreadable_records(redis_conn, client)
+    good, *bad = [job_id for job_id in expected if job_id != "bad id!"]
+    code, out, _ = cli("status", good, *bad)
+    assert code == 1 and out.splitlines()[0].split()[:2] == [good, "queued"]
+    for line, job_id in zip(out.splitlines()[1:], bad):
+        assert line.startswith(f"{job_id}  unreadable") and expected[job_id] in line
+    code, _, err = cli("results", *bad)
+    assert code == 1 and all(f"{job_id}: unreadable: " in err for job_id in bad)
+    docs = json.loads(cli("results", *bad, "--json")[1])
+    assert [d["state"] for d in docs] == ["unreadable"] * len(bad) and all(d["reason"] for d in docs)
+
+
+def test_wait_ends_on_an_unreadable_record(cli, client, redis_conn):
+    unreadable_records(redis_conn, client)
+    code, out, _ = cli("wait", "not-a-hash", "--timeout", "5")
+    assert code == 1 and "unreadable" in out
+
+
+# ------------------------------------------------------------------ hostile text is printed escaped
+FORGED = "s3://audio/a.wav\nfake-job  finished  default  all good\x1b[2J\u2028.wav"
+
+
+def test_uris_with_newlines_and_escape_codes_print_escaped_on_one_line(cli, client, engine, capsys,
+                                                                       monkeypatch, caplog):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    job_id = client.enqueue({"audio_uri": FORGED}).job_id
+    code, out, _ = cli("list")
+    assert code == 0 and out.count("\n") == 1 and "\x1b" not in out and "\\x1b[2J" in out
+    with caplog.at_level(logging.INFO):
+        run_burst(client.settings.model_copy(update={"s3_endpoint_url": "http://127.0.0.1:9",
+                                                     "storage_retries": 0}), engine)
+    capsys.readouterr()
+    assert any(job_id in r.getMessage() for r in caplog.records)
+    assert not any("\n" in r.getMessage() or "\x1b" in r.getMessage() for r in caplog.records)  # the worker log
+    for verb in ("status", "results"):
+        code, out, err = cli(verb, job_id)
+        text = out + err
+        assert code == 1 and text.count("\n") == 1 and "\x1b" not in text and "\u2028" not in text, text
+        assert "storage_unavailable" in text and "\\nfake-job" in text
 
 
 def test_results_wait_and_exit_codes(cli, client, engine, capsys, tmp_path):

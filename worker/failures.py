@@ -11,6 +11,7 @@ see ``process.AudioWorker.resolve_after_cold_shutdown``.)
 from __future__ import annotations
 
 from producer.failures import AudioqError, FailureCode
+from producer.printable import printable
 from producer.schema import JobFailure
 from rq.exceptions import DeserializationError
 from rq.timeouts import JobTimeoutException
@@ -38,5 +39,6 @@ def classify(exc: BaseException) -> AudioqError:
 def failure_for(exc: BaseException, *, attempt: int, worker: str | None) -> JobFailure:
     """The ``JobFailure`` written to the job record for ``exc``."""
     error = classify(exc)
-    return JobFailure(code=error.code, message=error.message, retryable=error.retryable,
+    # Messages name keys and URIs from the request; the record's copy is printed and logged as it is.
+    return JobFailure(code=error.code, message=printable(error.message), retryable=error.retryable,
                       attempt=max(1, attempt), worker=worker)
