@@ -56,6 +56,7 @@ from producer.failures import AudioqError
 from producer.manifest import PRIORITIES, ManifestError, describe_validation_error
 from producer.printable import printable
 from producer.progress_bar import ProgressLine
+from producer.s3 import StorageError
 from producer.settings import Settings, load_settings
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_TIMEOUT, EXIT_ERROR = 0, 1, 2, 3
@@ -480,7 +481,7 @@ def _error_message(exc: BaseException, settings: Settings | None) -> str:
         return f"cannot reach Redis at {url}: {exc}"
     if isinstance(exc, ValidationError):
         return f"invalid request: {describe_validation_error(exc)}"
-    if isinstance(exc, (ManifestError, CommandError, AudioqError, ValueError)):
+    if isinstance(exc, (ManifestError, CommandError, AudioqError, StorageError, ValueError)):
         return str(exc)
     if isinstance(exc, OSError) and exc.filename:
         return f"{exc.strerror or exc}: {exc.filename}"

@@ -40,8 +40,8 @@ from rq.worker import Worker
 from producer import record
 from producer.failures import FailureCode
 from producer.manifest import (EnqueueItem, ManifestError, check_job_id, check_priority, item_from_dict,
-                               read_manifest)
-from producer.s3 import s3_client, split_s3_uri
+                               read_manifest, within_limits)
+from producer.s3 import listing_error, s3_client, split_s3_uri
 from producer.schema import JobFailure, JobRequest, JobResult
 from producer.settings import Settings, load_settings
 from producer.status import (ActionOutcome, EnqueueOutcome, Info, JobStatus, QueueInfo, WorkerInfo,
@@ -164,6 +164,7 @@ class Client:
         """Enqueue one request. If a job with the id already exists, nothing is written."""
         if not isinstance(request, JobRequest):
             request = JobRequest.model_validate(request)
+        self._check_limits(request)
         job_id = check_job_id(job_id) if job_id is not None else request.derived_job_id()
         q = self.queue(self.queue_name(queue, priority))
         try:
@@ -172,17 +173,24 @@ class Client:
             return EnqueueOutcome(job_id=job_id, created=False, queue=self._origins([job_id])[0] or q.name)
         return EnqueueOutcome(job_id=job_id, created=True, queue=q.name)
 
+    def _check_limits(self, request: JobRequest) -> None:
+        try:
+            within_limits(request, self.settings)
+        except ValueError as exc:
+            raise ValueError(f"invalid request: {exc}") from None
+
     def _items(self, requests: Iterable[JobRequest | dict | EnqueueItem]) -> list[EnqueueItem]:
         items: list[EnqueueItem] = []
         problems: list[tuple[int, str]] = []
         for number, entry in enumerate(requests, start=1):
             try:
                 if isinstance(entry, EnqueueItem):
+                    within_limits(entry.request, self.settings)
                     items.append(entry)
                 elif isinstance(entry, JobRequest):
-                    items.append(EnqueueItem(request=entry))
+                    items.append(EnqueueItem(request=within_limits(entry, self.settings)))
                 else:
-                    items.append(item_from_dict(entry))
+                    items.append(item_from_dict(entry, self.settings))
             except ValueError as exc:
                 problems.append((number, str(exc)))
         if problems:
@@ -244,24 +252,29 @@ class Client:
     def enqueue_manifest(self, path: str, *, queue: str | None = None, priority: str | None = None,
                          on_progress: Callable[[int, int], None] | None = None) -> list[EnqueueOutcome]:
         """Enqueue a JSONL or CSV manifest (see ``producer.manifest``); any bad row → nothing enqueued."""
-        return self.enqueue_many(read_manifest(path), queue=queue, priority=priority, on_progress=on_progress)
+        return self.enqueue_many(read_manifest(path, self.settings), queue=queue, priority=priority, on_progress=on_progress)
 
     def list_audio(self, s3_uri_prefix: str, *, all_objects: bool = False) -> list[str]:
-        """``s3://`` URIs of the objects under a prefix, in key order.
+        """``s3://`` URIs of the objects under a prefix, in key order; ``StorageError`` when it cannot be listed.
 
         "Directory" marker keys (ending in ``/``) are always skipped. Unless
         ``all_objects``, only keys with a known audio extension are taken.
         """
+        from botocore.exceptions import BotoCoreError, ClientError
+
         bucket, prefix = split_s3_uri(s3_uri_prefix)
-        pages = s3_client(self.settings).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         uris = []
-        for page in pages:
-            for obj in page.get("Contents", []):
-                key = obj["Key"]
-                if key.endswith("/"):
-                    continue
-                if all_objects or posixpath.splitext(key)[1].lower() in AUDIO_EXTENSIONS:
-                    uris.append(f"s3://{bucket}/{key}")
+        try:
+            pages = s3_client(self.settings).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    key = obj["Key"]
+                    if key.endswith("/"):
+                        continue
+                    if all_objects or posixpath.splitext(key)[1].lower() in AUDIO_EXTENSIONS:
+                        uris.append(f"s3://{bucket}/{key}")
+        except (BotoCoreError, ClientError) as exc:
+            raise listing_error(exc, s3_uri_prefix) from None
         return uris
 
     def enqueue_prefix(self, s3_uri_prefix: str, *, all_objects: bool = False, queue: str | None = None,
@@ -275,6 +288,7 @@ class Client:
             return []
         # Validated here, not as items: a bad field is one error, not one per object.
         requests = [JobRequest.model_validate({**request_fields, "audio_uri": uri}) for uri in uris]
+        self._check_limits(requests[0])  # the text fields are the same for all
         return self.enqueue_many(requests, queue=queue, priority=priority, on_progress=on_progress)
 
     # ----------------------------------------------------------------- status

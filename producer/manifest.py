@@ -11,8 +11,11 @@ Row fields are the ``JobRequest`` fields plus two optional ones:
   the id comes from the request.
 - ``priority``: ``high``, ``default`` or ``low``.
 
-JSONL has one JSON object per line. Blank lines are skipped.
-CSV needs a header row with the same field names. Empty cells count as absent.
+Rows are checked against the request limits of the settings (``JobRequest.limit_problems``).
+
+JSONL has one JSON object per line, lines ending at ``\n`` only (a raw U+2028 is valid
+inside a JSON string, so ``str.splitlines`` would cut such a row in two). Blank lines are
+skipped. CSV needs a header row with the same field names. Empty cells count as absent.
 ``metadata`` is a JSON object, or it is spread over ``metadata.KEY`` columns whose
 values are kept as strings.
 """
@@ -20,15 +23,19 @@ values are kept as strings.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from pydantic import ValidationError
 
 from producer.schema import JOB_ID_PATTERN, JobRequest
+
+if TYPE_CHECKING:
+    from producer.settings import Settings
 
 PRIORITIES = ("high", "default", "low")
 _JOB_ID = re.compile(JOB_ID_PATTERN)
@@ -78,7 +85,15 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def item_from_dict(row: dict[str, Any]) -> EnqueueItem:
+def within_limits(request: JobRequest, settings: "Settings") -> JobRequest:
+    """``request``, or ValueError naming every text field longer than the settings allow."""
+    problems = request.limit_problems(settings)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return request
+
+
+def item_from_dict(row: dict[str, Any], settings: "Settings") -> EnqueueItem:
     """Validate one row; raises ValueError with a one-line reason."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
@@ -93,11 +108,11 @@ def item_from_dict(row: dict[str, Any]) -> EnqueueItem:
         request = JobRequest.model_validate(fields)
     except ValidationError as exc:
         raise ValueError(describe_validation_error(exc)) from None
-    return EnqueueItem(request=request, job_id=job_id, priority=priority)
+    return EnqueueItem(request=within_limits(request, settings), job_id=job_id, priority=priority)
 
 
 def _jsonl_rows(text: str) -> Iterator[tuple[int, Any]]:
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
         try:
@@ -133,7 +148,7 @@ def _csv_row_to_dict(row: dict[str | None, Any]) -> dict[str, Any]:
 
 
 def _csv_rows(text: str) -> Iterator[tuple[int, Any]]:
-    reader = csv.DictReader(text.splitlines(keepends=True))
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # csv's own line ends; U+2028 is a character
     if not reader.fieldnames:
         return
     start = reader.line_num + 1
@@ -155,7 +170,7 @@ def manifest_format(path: Path, text: str) -> str:
     return "jsonl" if text.lstrip().startswith("{") else "csv"
 
 
-def validate_items(rows: Iterable[tuple[int, Any]], source: str) -> list[EnqueueItem]:
+def validate_items(rows: Iterable[tuple[int, Any]], source: str, settings: "Settings") -> list[EnqueueItem]:
     """All rows valid → the items; otherwise a ManifestError naming every bad row.
 
     An explicit ``job_id`` used twice is an error: the second row would silently become
@@ -169,7 +184,7 @@ def validate_items(rows: Iterable[tuple[int, Any]], source: str) -> list[Enqueue
             problems.append((number, str(row)))
             continue
         try:
-            item = item_from_dict(row)
+            item = item_from_dict(row, settings)
         except ValueError as exc:
             problems.append((number, str(exc)))
             continue
@@ -184,12 +199,12 @@ def validate_items(rows: Iterable[tuple[int, Any]], source: str) -> list[Enqueue
     return items
 
 
-def read_manifest(path: str | Path) -> list[EnqueueItem]:
+def read_manifest(path: str | Path, settings: "Settings") -> list[EnqueueItem]:
     """Parse and validate a whole manifest file; raises ManifestError if any row is bad."""
     path = Path(path)
     text = path.read_text(encoding="utf-8-sig")
     rows = _jsonl_rows(text) if manifest_format(path, text) == "jsonl" else _csv_rows(text)
-    items = validate_items(rows, str(path))
+    items = validate_items(rows, str(path), settings)
     if not items:
         raise ManifestError(str(path), [(0, "the manifest has no rows")])
     return items

@@ -19,6 +19,27 @@ if TYPE_CHECKING:
 S3_MAX_ATTEMPTS = 2
 
 
+class StorageError(RuntimeError):
+    """The producer could not list or read storage; the text is one sentence for a person."""
+
+
+def listing_error(exc: Exception, uri: str) -> StorageError:
+    """A botocore error raised while listing ``uri`` as a plain sentence (no botocore wording)."""
+    from botocore.exceptions import ClientError
+
+    if not isinstance(exc, ClientError):  # connection refused, timeouts, bad endpoint, no credentials
+        return StorageError(f"cannot list {uri}: storage cannot be reached or signed for ({exc})")
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if code == "NoSuchBucket" or status == 404:
+        return StorageError(f"cannot list {uri}: bucket {split_s3_uri(uri)[0]!r} does not exist")
+    if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
+        return StorageError(f"cannot list {uri}: storage refused access ({code}); check the credentials")
+    detail = f"{code}: {error['Message']}" if error.get("Message") else code or f"HTTP {status}"
+    return StorageError(f"cannot list {uri}: storage answered {detail}")
+
+
 def s3_client(settings: "Settings", *, max_attempts: int = S3_MAX_ATTEMPTS):
     """A boto3 S3 client configured from ``settings`` (never from a job).
 

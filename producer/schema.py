@@ -10,16 +10,33 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from producer.failures import FailureCode
 from producer.s3 import split_s3_uri
 
+if TYPE_CHECKING:
+    from producer.settings import Settings
+
 AUDIO_SCHEMES = ("s3", "file")
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+
+
+def _not_a_boolean(value: Any) -> Any:
+    """JSON's true is not 1: pydantic's lax ints would take it (``max_new_tokens: true`` ran as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a whole number, not true or false")
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_not_a_boolean)]
+
+# Request text fields with a length limit, and the setting that holds it.
+TEXT_LIMITS = {"prompt": "max_prompt_chars", "language": "max_language_chars",
+               "target_language": "max_language_chars"}
 
 
 def _check_uri(uri: str, what: str) -> str:
@@ -47,7 +64,7 @@ class JobRequest(BaseModel):
     target_language: str | None = Field(None, description="required for task=translate")
     prompt: str | None = Field(None, description="the instruction, required for task=prompt")
     language: str | None = Field(None, description="hint: the language spoken in the audio")
-    max_new_tokens: int | None = Field(None, ge=1, description="None: the worker's default")
+    max_new_tokens: WholeNumber | None = Field(None, ge=1, description="None: the worker's default")
     output_uri: str | None = Field(None, description="prefix to write <job_id>.json/.txt under")
     metadata: dict[str, Any] = Field(default_factory=dict, description="free-form, echoed back")
 
@@ -81,6 +98,20 @@ class JobRequest(BaseModel):
             raise ValueError(f"prompt is only for task 'prompt', not {self.task!r}")
         return self
 
+    def limit_problems(self, settings: "Settings") -> list[str]:
+        """What in this request is longer than the settings allow (``TEXT_LIMITS``); empty when nothing is.
+
+        The producer checks this before enqueueing and the worker again before it downloads
+        anything, since a record may come from elsewhere. (The prompt's token count needs the
+        tokenizer, so only the worker checks that: ``max_prompt_tokens``.)
+        """
+        problems = []
+        for name, setting in TEXT_LIMITS.items():
+            value, limit = getattr(self, name), getattr(settings, setting)
+            if value is not None and len(value) > limit:
+                problems.append(f"{name} is {len(value)} characters; at most {limit} are allowed ({setting})")
+        return problems
+
     def derived_job_id(self) -> str:
         """A stable id from everything that shapes the output (metadata excluded).
 
@@ -107,8 +138,8 @@ class JobResult(BaseModel):
     audio_seconds: float
     timings: dict[str, float] = Field(description="seconds per stage: fetch, decode_audio, front_end, ...")
     worker: str
-    tokens: int = Field(description="generated tokens, stop token excluded")
-    audio_tokens: int = Field(description="audio soft tokens fed to the decoder")
+    tokens: WholeNumber = Field(description="generated tokens, stop token excluded")
+    audio_tokens: WholeNumber = Field(description="audio soft tokens fed to the decoder")
     output_uris: list[str] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -119,7 +150,7 @@ class JobFailure(BaseModel):
     code: FailureCode
     message: str
     retryable: bool
-    attempt: int = Field(ge=1)
+    attempt: WholeNumber = Field(ge=1)
     worker: str | None = None
     at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
@@ -130,6 +161,6 @@ class Progress(BaseModel):
     stage: Literal[
         "claimed", "fetch", "decode_audio", "front_end", "audio_tower", "prefill", "generate", "write"
     ]
-    chunk: int | None = None
-    chunks: int | None = None
+    chunk: WholeNumber | None = None
+    chunks: WholeNumber | None = None
     at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

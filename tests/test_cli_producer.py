@@ -104,6 +104,9 @@ def test_enqueue_prefix(cli, s3_bucket):
     assert code == 0 and len(json.loads(out)) == 2
     code, _, err = cli("enqueue", "--prefix", f"s3://{bucket}/empty/")
     assert code == 3 and "no audio objects" in err
+    code, _, err = cli("enqueue", "--prefix", "s3://no-such-bucket-here/in/")
+    assert (code, err) == (3, "audioq: cannot list s3://no-such-bucket-here/in/: bucket 'no-such-bucket-here' "
+                              "does not exist\n")
 
 
 def test_enqueue_progress_line_only_on_a_terminal(cli, tmp_path, monkeypatch):

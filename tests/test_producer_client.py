@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 import pytest
 from conftest import make_tone
 from pydantic import ValidationError
 from rq.job import Job, Retry
-from worker_fixtures import run_burst, worker_settings, write_wav
+from worker_fixtures import closed_endpoint, run_burst, worker_settings, write_wav
 
 from producer import Client, record
 from producer.manifest import EnqueueItem, ManifestError
-from producer.s3 import s3_client, split_s3_uri
+from producer.s3 import StorageError, s3_client, split_s3_uri
 from producer.schema import JobRequest
 from producer.settings import Settings, load_settings
 
@@ -64,6 +65,27 @@ def test_invalid_request_is_refused_before_redis(client, redis_conn):
     with pytest.raises(ValueError):
         client.enqueue({"audio_uri": "s3://audio/a.wav", "task": "translate"})
     assert redis_conn.dbsize() == 0
+
+
+@pytest.mark.parametrize("fields, says", [
+    ({"task": "prompt", "prompt": "x" * 4001}, "prompt is 4001 characters; at most 4000 are allowed (max_prompt_chars)"),
+    ({"language": "x" * 65}, "language is 65 characters; at most 64"),
+    ({"task": "translate", "target_language": "x" * 65}, "target_language is 65 characters"),
+    ({"max_new_tokens": True}, "not true or false"),
+])
+def test_oversized_text_and_boolean_numbers_are_refused_before_redis(client, redis_conn, fields, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        client.enqueue({"audio_uri": "s3://audio/a.wav", **fields})
+    with pytest.raises(ManifestError, match=re.escape(says)):
+        client.enqueue_many([{"audio_uri": "s3://audio/a.wav", **fields}])
+    assert redis_conn.dbsize() == 0
+
+
+def test_request_limits_are_settings(redis_url, redis_conn):
+    client = Client(Settings(redis_url=redis_url, max_prompt_chars=5), connection=redis_conn)
+    with pytest.raises(ValueError, match="at most 5 are allowed"):
+        client.enqueue({"audio_uri": "s3://audio/a.wav", "task": "prompt", "prompt": "longer"})
+    assert client.enqueue({"audio_uri": "s3://audio/a.wav", "task": "prompt", "prompt": "short"}).created
 
 
 @pytest.mark.parametrize("priority, queue", [("high", "high"), ("default", "default"), ("low", "low")])
@@ -188,6 +210,33 @@ def test_jsonl_manifest_with_bad_rows_enqueues_nothing_and_names_lines(client, r
     assert redis_conn.dbsize() == 0
 
 
+def test_a_manifest_row_over_a_limit_is_named_by_its_line(client, redis_conn, tmp_path):
+    path = tmp_path / "batch.jsonl"
+    path.write_text('{"audio_uri": "s3://audio/a.wav"}\n\n'
+                    + json.dumps({"audio_uri": "s3://audio/b.wav", "task": "prompt", "prompt": "x" * 10**6}) + "\n")
+    with pytest.raises(ManifestError) as caught:
+        client.enqueue_manifest(str(path))
+    assert caught.value.problems == [(3, "prompt is 1000000 characters; at most 4000 are allowed (max_prompt_chars)")]
+    assert redis_conn.dbsize() == 0
+
+
+def test_a_raw_line_separator_inside_a_jsonl_string_is_part_of_the_row(client, tmp_path):
+    path = tmp_path / "batch.jsonl"
+    prompt = "first part\u2028second part\u2029third\x85fourth"
+    path.write_text(json.dumps({"audio_uri": "s3://audio/a.wav", "task": "prompt", "prompt": prompt},
+                               ensure_ascii=False) + "\r\n", encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")  # raw, not escaped
+    (outcome,) = client.enqueue_manifest(str(path))
+    assert client.status(outcome.job_id).request.prompt == prompt
+
+
+def test_a_raw_line_separator_inside_a_csv_cell_is_part_of_the_cell(client, tmp_path):
+    path = tmp_path / "batch.csv"
+    path.write_text("audio_uri,task,prompt\ns3://audio/a.wav,prompt,one\u2028two\n", encoding="utf-8")
+    (outcome,) = client.enqueue_manifest(str(path))
+    assert client.status(outcome.job_id).request.prompt == "one\u2028two"
+
+
 def test_csv_manifest_with_bad_row_names_its_line(client, redis_conn, tmp_path):
     path = tmp_path / "batch.csv"
     path.write_text("audio_uri,priority\ns3://audio/a.wav,high\ns3://audio/b.wav,urgent\n")
@@ -218,6 +267,34 @@ def test_prefix_enqueues_audio_objects_only(redis_url, redis_conn, s3_bucket):
     assert not any(o.created for o in client.enqueue_prefix(f"s3://{bucket}/calls/", language="en"))
     everything = client.enqueue_prefix(f"s3://{bucket}/calls/", all_objects=True, language="en")
     assert [o.created for o in everything].count(True) == 1  # notes.txt; the "dir/" marker never
+
+
+def test_prefix_with_a_text_field_over_its_limit_is_one_clear_error(redis_url, redis_conn, s3_bucket):
+    s3, bucket = s3_bucket
+    for key in ("a.wav", "b.wav"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"x")
+    client = Client(load_settings(redis_url=redis_url), connection=redis_conn)
+    with pytest.raises(ValueError) as caught:
+        client.enqueue_prefix(f"s3://{bucket}/", language="x" * 100)
+    assert str(caught.value) == ("invalid request: language is 100 characters; at most 64 are allowed "
+                                 "(max_language_chars)")
+    assert redis_conn.dbsize() == 0
+
+
+def test_prefix_in_a_missing_bucket_is_a_plain_sentence(redis_url, redis_conn, s3_env):
+    client = Client(load_settings(redis_url=redis_url), connection=redis_conn)
+    with pytest.raises(StorageError) as caught:
+        client.enqueue_prefix("s3://no-such-bucket-here/calls/")
+    assert str(caught.value) == "cannot list s3://no-such-bucket-here/calls/: bucket 'no-such-bucket-here' does not exist"
+
+
+def test_prefix_with_storage_down_is_a_plain_sentence(redis_url, redis_conn, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    client = Client(load_settings(redis_url=redis_url, s3_endpoint_url=closed_endpoint(), s3_region="us-east-1"),
+                    connection=redis_conn)
+    with pytest.raises(StorageError, match="cannot list s3://audio/x/: storage cannot be reached"):
+        client.enqueue_prefix("s3://audio/x/")
 
 
 def test_prefix_with_invalid_fields_is_one_clear_error(redis_url, redis_conn, s3_bucket):

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pydantic import ValidationError
 from rq import get_current_job
 from rq.job import Job, Retry
 
@@ -35,6 +34,7 @@ from worker.gemma4.features import SAMPLE_RATE
 from worker.gemma4.engine import ClipOutput, ClipRequest, Engine
 from worker.instructions import instruction_for
 from worker.lifecycle import JobRun
+from worker.request import parse_request
 from worker.storage import check_output, fetched_audio, output_uris, write_outputs
 
 
@@ -60,14 +60,6 @@ def resident() -> Resident:
         raise AudioqError(FailureCode.MODEL_ERROR,
                           "no engine is loaded in this process: audioq jobs run in `audioq worker`")
     return _resident
-
-
-def parse_request(raw: object) -> JobRequest:
-    try:
-        return JobRequest.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
-        raise AudioqError(FailureCode.INVALID_REQUEST, f"invalid job request: {problems}") from None
 
 
 def token_budget(request: JobRequest, settings: Settings) -> int:
@@ -108,8 +100,8 @@ class JobWork:
     def prepare(self) -> None:
         """Claim the job, check its request and output location, then fetch and decode its audio."""
         self.run.claim()
-        self.request = request = parse_request(self.raw_request)
         settings = self.home.settings
+        self.request = request = parse_request(self.raw_request, settings, self.home.engine.prompts)
         budget = token_budget(request, settings)
         if request.output_uri:
             check_output(request.output_uri, settings)

@@ -7,8 +7,14 @@ Rendered like the Gemma 4 chat template with one user turn and thinking off::
 The audio item comes before the instruction, as in Google's audio examples (both orders
 are valid renderings of the template). Special tokens are inserted by id — the audio ids
 from config.json, the turn markers looked up by their strings in tokenizer.json — and
-only the plain text between them is tokenized; HF tokenizers split at special tokens,
-so this equals tokenizing the whole rendered string.
+only the plain text between them is tokenized.
+
+That text is tokenized as plain text, never as special tokens: the instruction carries
+the user's prompt and language names, and a prompt holding ``<|audio|>`` or ``<turn|>``
+must not become an audio placeholder (a count mismatch) or a turn marker (a request
+rewriting the chat). The builder keeps its own copy of the tokenizer with
+``encode_special_tokens`` set, so such strings are split into ordinary pieces; the fixed
+template text (``user\n``, ``model\n``) holds no special token, so it encodes as before.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
 class PromptBuilder:
     def __init__(self, tokenizer: Tokenizer, tokens: TokenIds):
         self.tokenizer = tokenizer
+        self.plain = Tokenizer.from_str(tokenizer.to_str())  # a copy: the caller's tokenizer is left as it is
+        self.plain.encode_special_tokens = True
         self.tokens = tokens
         self.turn_open = self._special(TURN_OPEN)
         self.turn_close = self._special(TURN_CLOSE)
@@ -38,7 +46,11 @@ class PromptBuilder:
         return token_id
 
     def _text(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.plain.encode(text, add_special_tokens=False).ids
+
+    def instruction_tokens(self, instruction: str) -> int:
+        """How many tokens ``instruction`` takes in a prompt (the worker's ``max_prompt_tokens`` check)."""
+        return len(self._text(instruction.strip()))
 
     def audio_prompt(self, instruction: str, audio_tokens: int) -> list[int]:
         """Token ids of a user turn holding ``audio_tokens`` placeholders and the instruction."""
