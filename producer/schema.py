@@ -11,7 +11,7 @@ import hashlib
 import json
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Annotated, Any, Literal
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
@@ -49,6 +49,8 @@ def _check_uri(uri: str, what: str) -> str:
     elif parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
             raise ValueError(f"{what} {uri!r}: file URIs need an absolute path (file:///abs/path)")
+        if "\0" in unquote(parsed.path):
+            raise ValueError(f"{what} {uri!r}: names a path with a NUL byte, which no file has")
     else:
         raise ValueError(f"{what} {uri!r}: scheme must be one of {', '.join(AUDIO_SCHEMES)}")
     return uri

@@ -52,6 +52,10 @@ class Settings(BaseModel):
     s3_profile: str | None = None
     s3_connect_timeout: float = Field(10.0, gt=0)
     s3_read_timeout: float = Field(60.0, gt=0)
+    s3_attempt_timeout: float = Field(120.0, gt=0, description="seconds for one whole storage attempt")
+    allowed_buckets: list[str] = Field(default_factory=list, description="buckets jobs may name; empty: any")
+    allow_file_uris: bool = Field(True, description="whether jobs may name file:// paths on the worker")
+    file_roots: list[str] = Field(default_factory=list, description="directories file:// may reach; empty: any")
 
     # Worker: model and limits
     model: str | None = Field(None, description="checkpoint directory or hub repo id")
@@ -92,6 +96,9 @@ class Settings(BaseModel):
         if self.lost_after < 2 * self.heartbeat_interval:
             problems.append(f"lost_after ({self.lost_after:g} s) must be at least twice heartbeat_interval "
                             f"({self.heartbeat_interval:g} s), or running jobs would be taken for lost")
+        relative = [root for root in self.file_roots if not os.path.isabs(root)]
+        if relative:
+            problems.append(f"file_roots must be absolute paths, not {relative}")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             problems.append(f"default_max_new_tokens ({self.default_max_new_tokens}) is above "
                             f"max_new_tokens_limit ({self.max_new_tokens_limit})")

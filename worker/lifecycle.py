@@ -13,8 +13,10 @@ out of the engine.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from datetime import datetime, timedelta, timezone
 
 from rq.job import Job, Retry
 
@@ -27,6 +29,8 @@ from worker.failures import failure_for
 # While a stage repeats (the engine reports "generate" before every decode step), the
 # cancel flag is read at most this often, and progress is written only when the stage changes.
 CHECK_INTERVAL = 1.0
+
+log = logging.getLogger("audioq.worker")
 
 
 class JobFailed(Exception):
@@ -60,6 +64,11 @@ class JobRun:
     def budget(self) -> float:
         """Seconds this job may run (``Settings.job_budget`` of its audio, once decoded)."""
         return self.settings.job_budget(self.audio_seconds)
+
+    @property
+    def deadline(self) -> float:
+        """``time.monotonic()`` at which the budget runs out: storage stops waiting there."""
+        return self.started + self.budget
 
     def claim(self) -> None:
         """Count the attempt and drop the previous attempt's failure, then enter ``claimed``."""
@@ -99,11 +108,21 @@ class JobRun:
         the next attempt after ``storage_retry_backoff[n]`` seconds.
         """
         done = self.job.number_of_retries or 0
-        if failure.code != FailureCode.STORAGE_UNAVAILABLE or done >= self.settings.storage_retries:
+        if failure.code != FailureCode.STORAGE_UNAVAILABLE:
+            return None
+        retries = self.settings.storage_retries
+        if done >= retries:
+            log.warning("job %s: storage unavailable on attempt %d (%s); no retries left (storage_retries = %d)",
+                        self.job.id, self.attempt, failure.message, retries)
             return None
         self.job.meta[record.META_RETRY] = failure.model_dump(mode="json")
         self.job.save_meta()
-        return Retry(max=self.settings.storage_retries, interval=self.settings.storage_retry_backoff)
+        wait = Retry.get_interval(done, self.settings.storage_retry_backoff)
+        due = datetime.now(timezone.utc) + timedelta(seconds=wait)
+        log.warning("job %s: storage unavailable on attempt %d (%s); retry %d of %d in %g s, at %s",
+                    self.job.id, self.attempt, failure.message, done + 1, retries, wait,
+                    due.isoformat(timespec="seconds"))
+        return Retry(max=retries, interval=self.settings.storage_retry_backoff)
 
     def fail(self, failure: JobFailure) -> JobFailed:
         """Put ``failure`` on the record; the caller raises the returned exception."""

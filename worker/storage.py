@@ -8,6 +8,22 @@ missing or stale). Storage errors become the failure codes a producer can act on
 ``audio_not_found``, ``access_denied``, ``audio_too_large``, and ``storage_unavailable``
 for what may pass (connection refused, timeouts, 5xx, throttling), which the job retries.
 
+Bounds. One storage attempt (HEAD + GET + the whole body, or an output check or write)
+runs in a helper thread and is waited for at most ``s3_attempt_timeout`` seconds, and never
+past the job's deadline: botocore's ``read_timeout`` bounds each socket read only, so a
+server that accepts and never answers cost three of them per attempt, and one that drips
+a byte at a time was never cut off. An attempt cut off by ``s3_attempt_timeout`` is
+``storage_unavailable`` (retried); one cut off by the job's deadline is ``timeout``. The
+abandoned thread stops at its next read (its socket timeout is cut short).
+
+Allowlists (settings): ``allowed_buckets`` (empty: any), ``allow_file_uris`` and
+``file_roots`` (empty: anywhere this worker's user may read or write). A ``file://`` path
+is resolved (symlinks, ``..``) before it is compared with the roots, so a link or ``..``
+leading out of them is ``access_denied``. Local paths that cannot name a file (a NUL
+byte, a name too long) are ``invalid_request``; a path under a regular file or a symlink
+loop is ``audio_not_found``; an output directory that cannot be created where the request
+puts it (``/proc/...``) is ``invalid_request``, never a retried ``storage_unavailable``.
+
 Outputs: ``check_output`` runs before the audio is fetched, so a job whose output location
 cannot exist fails at once rather than after the model ran. A missing bucket, a bucket name
 S3 rejects, or a ``file://`` prefix that is (or lies under) a non-directory is
@@ -25,9 +41,12 @@ import errno
 import os
 import secrets
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -39,6 +58,7 @@ from producer.schema import JobResult
 from producer.settings import Settings
 
 CHUNK_BYTES = 1 << 20
+T = TypeVar("T")
 
 _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound", "InvalidBucketName"}
 _DENIED = {"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
@@ -108,53 +128,154 @@ def _not_found_message(uri: str, client) -> str:
     return f"{uri}: no such bucket or object"
 
 
+class _Attempt:
+    """One storage attempt run in a helper thread, so that it can be abandoned at its bound."""
+
+    def __init__(self, action: Callable[["_Attempt"], T]):
+        self.action = action
+        self.stopped = threading.Event()
+        self.body = None  # the response body being read, once there is one
+        self.outcome: tuple[bool, object] | None = None
+
+    def _run(self) -> None:
+        try:
+            self.outcome = (True, self.action(self))
+        except BaseException as exc:  # handed to the waiting thread
+            self.outcome = (False, exc)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.body is not None:
+            with suppress(Exception):  # a read blocked now ends at its next byte
+                self.body.set_socket_timeout(0.001)
+
+
+def _bounded(uri: str, what: str, settings: Settings, deadline: float | None,
+             action: Callable[[_Attempt], T]) -> T:
+    """``action`` (one attempt against S3), cut off after ``s3_attempt_timeout`` or at ``deadline``."""
+    left = None if deadline is None else deadline - time.monotonic()
+    by_deadline = left is not None and left < settings.s3_attempt_timeout
+    limit = left if by_deadline else settings.s3_attempt_timeout
+    if limit <= 0:
+        raise AudioqError(FailureCode.TIMEOUT, f"the job's time budget ran out before {what} {uri}")
+    attempt = _Attempt(action)
+    thread = threading.Thread(target=attempt._run, name="audioq-storage", daemon=True)
+    thread.start()
+    thread.join(limit)
+    if attempt.outcome is None:
+        attempt.stop()
+        if by_deadline:
+            raise AudioqError(FailureCode.TIMEOUT,
+                              f"the job's time budget ran out while {what} {uri} ({limit:.1f} s were left)")
+        raise AudioqError(FailureCode.STORAGE_UNAVAILABLE,
+                          f"storage did not finish {what} {uri} within {limit:g} s (s3_attempt_timeout)")
+    done, value = attempt.outcome
+    if not done:
+        raise value
+    return value
+
+
+def _client(settings: Settings):
+    """An S3 client whose single reads never wait longer than a whole attempt may last."""
+    limit = settings.s3_attempt_timeout
+    return s3_client(settings.model_copy(update={"s3_read_timeout": min(settings.s3_read_timeout, limit),
+                                                 "s3_connect_timeout": min(settings.s3_connect_timeout, limit)}))
+
+
+def _check_bucket(uri: str, settings: Settings) -> None:
+    bucket = split_s3_uri(uri)[0]
+    if settings.allowed_buckets and bucket not in settings.allowed_buckets:
+        raise AudioqError(FailureCode.ACCESS_DENIED,
+                          f"{uri}: bucket {bucket!r} is not one this worker may use (allowed_buckets: "
+                          f"{', '.join(settings.allowed_buckets)})")
+
+
 @contextmanager
-def fetched_audio(uri: str, settings: Settings) -> Iterator[Path]:
-    """The audio at ``uri`` as a local path for the duration of the ``with`` block."""
+def fetched_audio(uri: str, settings: Settings, deadline: float | None = None) -> Iterator[Path]:
+    """The audio at ``uri`` as a local path for the duration of the ``with`` block.
+
+    ``deadline`` (``time.monotonic()``): when the job's budget runs out; the download stops there.
+    """
     if urlparse(uri).scheme == "file":
-        yield _local_file(uri, settings.max_audio_bytes)
+        yield _local_file(uri, settings)
         return
+    _check_bucket(uri, settings)
     with tempfile.TemporaryDirectory(prefix="audioq-", dir=settings.temp_dir) as tmp:
         path = Path(tmp) / ("audio" + Path(split_s3_uri(uri)[1]).suffix[:16])
-        _download(uri, path, settings)
+        _bounded(uri, "downloading", settings, deadline, lambda attempt: _download(uri, path, settings, attempt))
         yield path
 
 
-def _local_file(uri: str, limit: int) -> Path:
-    """A ``file://`` URI is read in place: it is already local, so there is nothing to copy."""
+def local_path(uri: str, settings: Settings) -> Path:
+    """The path a ``file://`` URI names, once this worker's file settings allow it."""
+    if not settings.allow_file_uris:
+        raise AudioqError(FailureCode.ACCESS_DENIED, f"{uri}: this worker does not take file:// URIs "
+                                                     "(allow_file_uris is off)")
     path = file_path(uri)
+    if "\0" in str(path):
+        raise AudioqError(FailureCode.INVALID_REQUEST, f"{uri} names a path with a NUL byte, which no file has")
+    if settings.file_roots:
+        real = os.path.realpath(path)
+        roots = [os.path.realpath(root) for root in settings.file_roots]
+        if not any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
+            raise AudioqError(FailureCode.ACCESS_DENIED,
+                              f"{uri} resolves to {real}, outside the directories this worker may use "
+                              f"(file_roots: {', '.join(settings.file_roots)})")
+    return path
+
+
+def _local_file(uri: str, settings: Settings) -> Path:
+    """A ``file://`` URI is read in place: it is already local, so there is nothing to copy."""
+    path = local_path(uri, settings)
     try:
         size = path.stat().st_size
         if not path.is_file():
             raise AudioqError(FailureCode.AUDIO_NOT_FOUND, f"{uri} is not a regular file")
         if not os.access(path, os.R_OK):
-            raise PermissionError(path)
-    except FileNotFoundError:
-        raise AudioqError(FailureCode.AUDIO_NOT_FOUND, f"{uri}: no such file on this worker") from None
-    except PermissionError:
-        raise AudioqError(FailureCode.ACCESS_DENIED, f"{uri}: this worker may not read it") from None
-    if size > limit:
-        raise _too_large(uri, size, limit)
+            raise PermissionError(errno.EACCES, "not readable", str(path))
+    except OSError as exc:
+        raise _local_read_error(uri, exc) from None
+    if size > settings.max_audio_bytes:
+        raise _too_large(uri, size, settings.max_audio_bytes)
     return path
 
 
-def _download(uri: str, path: Path, settings: Settings) -> None:
+def _local_read_error(uri: str, exc: OSError) -> AudioqError:
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return AudioqError(FailureCode.AUDIO_NOT_FOUND, f"{uri}: no such file on this worker")
+    if exc.errno == errno.ELOOP:
+        return AudioqError(FailureCode.AUDIO_NOT_FOUND, f"{uri}: no such file on this worker (a symlink loop)")
+    if exc.errno == errno.ENAMETOOLONG:
+        return AudioqError(FailureCode.INVALID_REQUEST, f"{uri} cannot name a file here: {reason}")
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM):
+        return AudioqError(FailureCode.ACCESS_DENIED, f"{uri}: this worker may not read it")
+    return AudioqError(FailureCode.STORAGE_UNAVAILABLE, f"cannot read {uri} on this worker: {reason}")
+
+
+def _download(uri: str, path: Path, settings: Settings, attempt: _Attempt) -> None:
     bucket, key = split_s3_uri(uri)
     limit = settings.max_audio_bytes
     client = None
     try:
-        client = s3_client(settings)
+        client = _client(settings)
         size = client.head_object(Bucket=bucket, Key=key).get("ContentLength")
         if size is not None and size > limit:
             raise _too_large(uri, size, limit)
         body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        attempt.body = body
         written = 0
-        with body, open(path, "wb") as out:
-            for chunk in body.iter_chunks(CHUNK_BYTES):
-                written += len(chunk)
-                if written > limit:
-                    raise _too_large(uri, None, limit)
-                out.write(chunk)
+        with body:
+            if attempt.stopped.is_set():
+                return
+            with open(path, "wb") as out:
+                for chunk in body.iter_chunks(CHUNK_BYTES):
+                    if attempt.stopped.is_set():
+                        return
+                    written += len(chunk)
+                    if written > limit:
+                        raise _too_large(uri, None, limit)
+                    out.write(chunk)
     except (boto_errors.BotoCoreError, boto_errors.ClientError) as exc:
         raise storage_error(exc, uri, client) from None
 
@@ -165,10 +286,10 @@ def output_uris(output_uri_prefix: str, job_id: str) -> tuple[str, str]:
     return f"{base}.json", f"{base}.txt"
 
 
-def check_output(output_uri_prefix: str, settings: Settings) -> None:
+def check_output(output_uri_prefix: str, settings: Settings, deadline: float | None = None) -> None:
     """Fail now if ``output_uri_prefix`` cannot receive outputs (see the module's docstring)."""
     if urlparse(output_uri_prefix).scheme == "file":
-        path = file_path(output_uri_prefix)
+        path = local_path(output_uri_prefix, settings)
         try:
             path.mkdir(parents=True, exist_ok=True)
             if not os.access(path, os.W_OK | os.X_OK):
@@ -176,10 +297,15 @@ def check_output(output_uri_prefix: str, settings: Settings) -> None:
         except OSError as exc:
             raise _local_write_error(output_uri_prefix, exc) from None
         return
+    _check_bucket(output_uri_prefix, settings)
+    _bounded(output_uri_prefix, "checking", settings, deadline, lambda _: _head_bucket(output_uri_prefix, settings))
+
+
+def _head_bucket(output_uri_prefix: str, settings: Settings) -> None:
     bucket, _ = split_s3_uri(output_uri_prefix)
     client = None
     try:
-        client = s3_client(settings)
+        client = _client(settings)
         client.head_bucket(Bucket=bucket)
     except (boto_errors.BotoCoreError, boto_errors.ClientError) as exc:
         error = storage_error(exc, output_uri_prefix, client, writing=True)
@@ -189,19 +315,26 @@ def check_output(output_uri_prefix: str, settings: Settings) -> None:
             raise error from None
 
 
-def write_outputs(output_uri_prefix: str, job_id: str, result: JobResult, settings: Settings) -> None:
+def write_outputs(output_uri_prefix: str, job_id: str, result: JobResult, settings: Settings,
+                  deadline: float | None = None) -> None:
     """Write ``output_uris``: ``<prefix>/<job_id>.json`` (the whole result) and ``.txt`` (its text)."""
     json_uri, text_uri = output_uris(output_uri_prefix, job_id)
     files = [(json_uri, result.model_dump_json(indent=2).encode(), "application/json"),
              (text_uri, (result.text + "\n").encode(), "text/plain; charset=utf-8")]
     if urlparse(output_uri_prefix).scheme == "file":
+        local_path(output_uri_prefix, settings)
         for uri, data, _ in files:
             _write_local(uri, data)
         return
+    _check_bucket(output_uri_prefix, settings)
+    _bounded(output_uri_prefix, "writing to", settings, deadline, lambda _: _put_objects(files, settings))
+
+
+def _put_objects(files: list[tuple[str, bytes, str]], settings: Settings) -> None:
     client = None
     for uri, data, content_type in files:
         try:
-            client = client or s3_client(settings)
+            client = client or _client(settings)
             bucket, key = split_s3_uri(uri)
             client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
         except (boto_errors.BotoCoreError, boto_errors.ClientError) as exc:
@@ -209,7 +342,8 @@ def write_outputs(output_uri_prefix: str, job_id: str, result: JobResult, settin
 
 
 # errno values of a local write that name a path which cannot hold a file: the request's fault.
-_BAD_PATH = {errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
+# (ENOENT after ``mkdir(parents=True)``: the file system refuses a directory there, as /proc does.)
+_BAD_PATH = {errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOENT}
 
 
 def _local_write_error(uri: str, exc: OSError) -> AudioqError:

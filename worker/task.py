@@ -104,10 +104,10 @@ class JobWork:
         self.request = request = parse_request(self.raw_request, settings, self.home.engine.prompts)
         budget = token_budget(request, settings)
         if request.output_uri:
-            check_output(request.output_uri, settings)
+            check_output(request.output_uri, settings, deadline=self.run.deadline)
         self.run.stage("fetch")
         started = time.perf_counter()
-        with fetched_audio(request.audio_uri, settings) as path:
+        with fetched_audio(request.audio_uri, settings, deadline=self.run.deadline) as path:
             self.timings["fetch"] = time.perf_counter() - started
             self.run.stage("decode_audio")
             started = time.perf_counter()
@@ -143,7 +143,7 @@ class JobWork:
             self.run.stage("write")
             started = time.perf_counter()
             result.output_uris = list(output_uris(prefix, self.job.id))
-            write_outputs(prefix, self.job.id, result, self.home.settings)
+            write_outputs(prefix, self.job.id, result, self.home.settings, deadline=self.run.deadline)
             result.timings["write"] = time.perf_counter() - started
         return result.model_dump(mode="json")
 
