@@ -296,3 +296,27 @@ def test_an_oversized_request_written_past_the_producer_is_refused_before_any_do
     failure = fetch(redis_conn, job.id).get_meta()[record.META_FAILURE]
     assert failure["code"] == "invalid_request" and says in failure["message"], failure["message"]
     assert listener.requests == []  # storage was never asked
+
+
+def test_expected_failures_leave_no_traceback_in_the_worker_log(redis_url, redis_conn, engine,
+                                                                 tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    wav = write_wav(tmp_path / "ok.wav", make_tone(0.5)).as_uri()
+    (tmp_path / "taken").write_text("a file")
+    jobs = [json_queue(redis_conn).enqueue("os.system", "true"),
+            enqueue_raw(redis_conn, {"audio_uri": wav, "max_new_tokens": "many"}),
+            enqueue_raw(redis_conn, {"audio_uri": wav, "task": "prompt", "prompt": "x" * 5000}),
+            enqueue(redis_conn, {"audio_uri": (tmp_path / "missing.wav").as_uri()}),
+            enqueue(redis_conn, {"audio_uri": "s3://audio/a.wav"}),
+            enqueue(redis_conn, {"audio_uri": wav, "output_uri": (tmp_path / "taken" / "out").as_uri()}),
+            enqueue(redis_conn, {"audio_uri": (tmp_path / "taken").as_uri() + "/x.wav"})]
+    garbled = enqueue(redis_conn, {"audio_uri": wav}, job_id="garbled")
+    redis_conn.hset(garbled.key, "data", job_data(record.TASK_FUNC))
+    with caplog.at_level(logging.INFO):
+        run_burst(worker_settings(redis_url, s3_endpoint_url=closed_endpoint(), storage_retries=0), engine)
+    for job in [*jobs, garbled]:
+        assert fetch(redis_conn, job.id).get_status() == "failed"
+        about = [r for r in caplog.records if job.id in r.getMessage() and r.levelno >= logging.WARNING]
+        assert len(about) >= 1, job.id
+    assert not any(r.exc_info or "Traceback" in r.getMessage() for r in caplog.records)
