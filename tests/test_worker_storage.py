@@ -308,7 +308,7 @@ def test_a_server_that_never_answers_costs_one_attempt_timeout(settings, stallin
     server = stalling_s3("silent")
     bounded = settings.model_copy(update={"s3_endpoint_url": server.url, "s3_attempt_timeout": 1.0})
     message, took = timed_fetch_fails(FailureCode.STORAGE_UNAVAILABLE, "s3://audio/a.wav", bounded)
-    assert "within 1 s (s3_attempt_timeout)" in message and 1.0 <= took < 2.5
+    assert "within 1 s (s3_attempt_timeout)" in message and 1.0 <= took < 5  # not 3 x the 60 s read timeout
     assert server.requests == ["HEAD"]  # the read timeout (60 s) never came into it
 
 
@@ -316,7 +316,7 @@ def test_a_dripping_body_is_cut_off_at_the_attempt_timeout(settings, stalling_s3
     server = stalling_s3("drip", size=100_000, interval=0.01)  # every read gets a byte; the body takes 1000 s
     bounded = settings.model_copy(update={"s3_endpoint_url": server.url, "s3_attempt_timeout": 1.5})
     message, took = timed_fetch_fails(FailureCode.STORAGE_UNAVAILABLE, "s3://audio/a.wav", bounded)
-    assert 1.5 <= took < 3.0 and server.requests == ["HEAD", "GET"]
+    assert 1.5 <= took < 5 and server.requests == ["HEAD", "GET"]
     assert not any((tmp_path / "tmp").iterdir())
 
 
@@ -325,7 +325,7 @@ def test_the_job_deadline_applies_during_the_download(settings, stalling_s3):  #
     message, took = timed_fetch_fails(FailureCode.TIMEOUT, "s3://audio/a.wav",
                                       settings.model_copy(update={"s3_endpoint_url": server.url}),
                                       deadline=time.monotonic() + 1.0)
-    assert "time budget ran out while downloading s3://audio/a.wav" in message and took < 2.5
+    assert "time budget ran out while downloading s3://audio/a.wav" in message and took < 5
 
 
 def test_output_checks_and_writes_are_bounded_too(settings, stalling_s3):  # noqa: F811
@@ -335,7 +335,7 @@ def test_output_checks_and_writes_are_bounded_too(settings, stalling_s3):  # noq
                    lambda: write_outputs("s3://audio/out/", "job-9", result(), bounded)):
         started = time.monotonic()
         output_fails(FailureCode.STORAGE_UNAVAILABLE, action)
-        assert time.monotonic() - started < 2.5
+        assert time.monotonic() - started < 5
 
 
 # ------------------------------------------------------------------ in a worker
@@ -356,7 +356,7 @@ def test_a_silent_server_costs_a_job_its_attempt_bounds_and_every_retry_is_logge
     took = time.monotonic() - started
     job = fetch(redis_conn, job.id)
     assert job.get_status() == "failed" and failure_code(job) == "storage_unavailable"
-    assert job.get_meta()[record.META_ATTEMPT] == 3 and took < 12
+    assert job.get_meta()[record.META_ATTEMPT] == 3 and took < 20  # three 1 s attempts and 1 s of backoff
     lines = [r.getMessage() for r in caplog.records if job.id in r.getMessage() and "storage unavailable" in r.getMessage()]
     assert len(lines) == 3, lines
     assert "attempt 1" in lines[0] and "retry 1 of 2 in 0 s, at " in lines[0]
@@ -371,7 +371,7 @@ def test_a_slow_drip_download_ends_at_the_job_deadline(redis_url, redis_conn, en
     started = time.monotonic()
     run_burst(worker_settings(redis_url, s3_endpoint_url=server.url, job_timeout_base=2.0,
                               job_timeout_per_audio_second=0.0), engine)
-    assert failure_code(fetch(redis_conn, job.id)) == "timeout" and time.monotonic() - started < 6
+    assert failure_code(fetch(redis_conn, job.id)) == "timeout" and time.monotonic() - started < 10
 
 
 @pytest.mark.parametrize("make, code", [

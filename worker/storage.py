@@ -131,7 +131,7 @@ def _not_found_message(uri: str, client) -> str:
 class _Attempt:
     """One storage attempt run in a helper thread, so that it can be abandoned at its bound."""
 
-    def __init__(self, action: Callable[["_Attempt"], T]):
+    def __init__(self, action: Callable[["_Attempt"], object]):
         self.action = action
         self.stopped = threading.Event()
         self.body = None  # the response body being read, once there is one
@@ -206,7 +206,7 @@ def fetched_audio(uri: str, settings: Settings, deadline: float | None = None) -
         yield path
 
 
-def local_path(uri: str, settings: Settings) -> Path:
+def _local_path(uri: str, settings: Settings) -> Path:
     """The path a ``file://`` URI names, once this worker's file settings allow it."""
     if not settings.allow_file_uris:
         raise AudioqError(FailureCode.ACCESS_DENIED, f"{uri}: this worker does not take file:// URIs "
@@ -226,7 +226,7 @@ def local_path(uri: str, settings: Settings) -> Path:
 
 def _local_file(uri: str, settings: Settings) -> Path:
     """A ``file://`` URI is read in place: it is already local, so there is nothing to copy."""
-    path = local_path(uri, settings)
+    path = _local_path(uri, settings)
     try:
         size = path.stat().st_size
         if not path.is_file():
@@ -289,7 +289,7 @@ def output_uris(output_uri_prefix: str, job_id: str) -> tuple[str, str]:
 def check_output(output_uri_prefix: str, settings: Settings, deadline: float | None = None) -> None:
     """Fail now if ``output_uri_prefix`` cannot receive outputs (see the module's docstring)."""
     if urlparse(output_uri_prefix).scheme == "file":
-        path = local_path(output_uri_prefix, settings)
+        path = _local_path(output_uri_prefix, settings)
         try:
             path.mkdir(parents=True, exist_ok=True)
             if not os.access(path, os.W_OK | os.X_OK):
@@ -322,7 +322,7 @@ def write_outputs(output_uri_prefix: str, job_id: str, result: JobResult, settin
     files = [(json_uri, result.model_dump_json(indent=2).encode(), "application/json"),
              (text_uri, (result.text + "\n").encode(), "text/plain; charset=utf-8")]
     if urlparse(output_uri_prefix).scheme == "file":
-        local_path(output_uri_prefix, settings)
+        _local_path(output_uri_prefix, settings)
         for uri, data, _ in files:
             _write_local(uri, data)
         return
