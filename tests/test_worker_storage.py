@@ -309,7 +309,6 @@ def test_a_server_that_never_answers_costs_one_attempt_timeout(settings, stallin
     bounded = settings.model_copy(update={"s3_endpoint_url": server.url, "s3_attempt_timeout": 1.0})
     message, took = timed_fetch_fails(FailureCode.STORAGE_UNAVAILABLE, "s3://audio/a.wav", bounded)
     assert "within 1 s (s3_attempt_timeout)" in message and 1.0 <= took < 5  # not 3 x the 60 s read timeout
-    assert server.requests == ["HEAD"]  # the read timeout (60 s) never came into it
 
 
 def test_a_dripping_body_is_cut_off_at_the_attempt_timeout(settings, stalling_s3, tmp_path):  # noqa: F811
