@@ -382,3 +382,16 @@ def test_producer_imports_no_mlx_numpy_or_worker(redis_url):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ("plain text, é, 日本語", "plain text, é, 日本語"),
+    ("a\nb\r\tc", "a\\nb\\r\\tc"),
+    ("\x1b[2Jclear", "\\x1b[2Jclear"),
+    ("next\x85line\u2028sep\u202eflip", "next\\x85line\\u2028sep\\u202eflip"),
+])
+def test_printable_escapes_what_would_move_or_restyle_the_screen(raw, shown):
+    from producer.printable import printable
+
+    assert printable(raw) == shown
+    assert printable("line 1\nline 2\x1b", keep="\n") == "line 1\nline 2\\x1b"
