@@ -4,15 +4,15 @@ A job hash is data anyone with Redis access can write, and RQ acts on many of it
 ``Job.func`` imports whatever dotted name the hash holds (``os.system`` included), callback
 names are imported the same way, webhooks make the worker send HTTP requests, retry and
 repeat counters make it run the job again, a finishing job's dependents set makes it enqueue
-other jobs.
-audioq writes none of these but the function name and its one argument.
+other jobs. audioq writes none of these but the function name and its one argument.
 
 Everything RQ does goes through ``Job``'s attributes, so they are fixed here, the one
 depth every caller (worker, scheduler, registry cleanup, reaper) goes through:
 
-- ``func`` refuses a job whose function, instance, arguments, callbacks or meta are not
-  an audioq job's, raising ``invalid_request`` inside the worker's ``perform_job`` so RQ
-  fails the job normally; the callback properties never import anything.
+- ``func`` refuses a job whose data cannot be decoded or whose function, instance,
+  arguments or callbacks are not an audioq job's, raising ``invalid_request`` inside the
+  worker's ``perform_job`` so RQ fails the job normally (no traceback: ``func_name``, read
+  earlier for the process title, never raises); the callback properties import nothing.
 - The fields RQ acts on and audioq never writes (the ``_inert`` ones) read as absent, whatever
   the hash holds; only audioq's own retry policy (a ``Retry`` returned by the job, counted
   in ``number_of_retries``) schedules another attempt, and no job is released as another's
