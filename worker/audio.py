@@ -43,7 +43,7 @@ MAX_SOURCE_RATE = 768_000
 BLOCK_BYTES = 1 << 20
 # The output array grows by this factor when the header gave no length.
 GROWTH = 1.5
-UNKNOWN_LENGTH_START_SECONDS = 600.0
+UNKNOWN_LENGTH_START_SECONDS = 60.0
 
 # A healthy MP3 without a Xing/Info header decodes up to ~0.035 s short of libsndfile's
 # size-based estimate (measured on sox and ffmpeg CBR files), so a file is truncated only
