@@ -153,3 +153,23 @@ def test_sound_without_pauses_is_not_cut_at_a_fixed_mark(babble):
 def test_options_outside_their_range_are_refused(options):
     with pytest.raises(ValueError):
         plan_chunks(np.zeros(SAMPLE_RATE, np.float32), **options)
+
+
+def test_settings_refuse_chunk_options_the_plan_cannot_honour():
+    from pydantic import ValidationError
+
+    from producer.settings import Settings
+
+    with pytest.raises(ValidationError, match="at most half of max_chunk_seconds"):
+        Settings(max_chunk_seconds=10.0, min_chunk_seconds=6.0)
+    with pytest.raises(ValidationError, match="max_chunk_seconds"):
+        Settings(max_chunk_seconds=31.0)
+
+
+def test_the_plan_defaults_are_the_settings_defaults():
+    import inspect
+
+    from producer.settings import Settings
+
+    defaults = {name: p.default for name, p in inspect.signature(plan_chunks).parameters.items() if p.kind == p.KEYWORD_ONLY}
+    assert defaults == {name: Settings.model_fields[name].default for name in defaults}
