@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -49,7 +50,7 @@ def measure(path: str, whole_file: bool) -> dict:
     from worker.chunk_plan import plan_chunks
 
     baseline = peak_rss_mb()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if whole_file:
         data, rate = sf.read(path, dtype="float32", always_2d=True)
         mono = data.mean(axis=1, dtype=np.float32)
@@ -59,13 +60,14 @@ def measure(path: str, whole_file: bool) -> dict:
     else:
         samples = decode_audio(path)
     decoded = peak_rss_mb()
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     plan = plan_chunks(samples)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     sizes = [chunk.size / SAMPLE_RATE for chunk in plan.chunks]
     return {
         "file": Path(path).name, "path": "whole file" if whole_file else "streamed",
         "audio_s": samples.size / SAMPLE_RATE, "decode_s": t1 - t0, "plan_s": t2 - t1, "wall_s": t2 - started,
+        "decode_cpu_s": c1 - c0, "plan_cpu_s": c2 - c1,
         "baseline_rss_mb": baseline, "peak_rss_after_decode_mb": decoded, "peak_rss_mb": peak_rss_mb(),
         "signal_mb": samples.nbytes / 2**20, "chunks": len(plan.chunks), "speech_s": plan.speech_seconds,
         "chunk_s_min_median_max": [min(sizes), sorted(sizes)[len(sizes) // 2], max(sizes)] if sizes else [],
@@ -117,6 +119,7 @@ def main() -> int:
     parser.add_argument("files", nargs="*", type=Path)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/audioq-bench-long"))
     parser.add_argument("--compare", action="store_true", help="also run the old whole-file decode")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--whole-file", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -125,19 +128,24 @@ def main() -> int:
         return 0
 
     files = args.files or make_recordings(args.workdir)
-    print(f"machine: {platform.machine()} {platform.system()}, python {platform.python_version()}")
+    print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores, python "
+          f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f} at the start")
     results = []
     for path in files:
         results.append(run_child(path, whole_file=False))
         if args.compare and whole_file_cost(path) < WHOLE_FILE_LIMIT:
             results.append(run_child(path, whole_file=True))
-    print(f"{'file':>28} {'path':>10} {'audio s':>8} {'decode s':>8} {'plan s':>7} {'wall s':>7} "
+    print(f"{'file':>28} {'path':>10} {'audio s':>8} {'decode s':>8} {'(cpu)':>6} {'plan s':>7} {'(cpu)':>6} "
+          f"{'wall s':>7} "
           f"{'signal MB':>9} {'base MB':>8} {'peak MB':>8} {'growth/signal':>13} {'chunks':>6} {'speech s':>8}")
     for r in results:
         growth = (r["peak_rss_mb"] - r["baseline_rss_mb"]) / r["signal_mb"]
-        print(f"{r['file']:>28} {r['path']:>10} {r['audio_s']:8.0f} {r['decode_s']:8.2f} {r['plan_s']:7.2f} "
+        print(f"{r['file']:>28} {r['path']:>10} {r['audio_s']:8.0f} {r['decode_s']:8.2f} {r['decode_cpu_s']:6.2f} "
+              f"{r['plan_s']:7.2f} {r['plan_cpu_s']:6.2f} "
               f"{r['child_wall_s']:7.2f} {r['signal_mb']:9.0f} {r['baseline_rss_mb']:8.0f} {r['peak_rss_mb']:8.0f} "
               f"{growth:13.2f} {r['chunks']:6d} {r['speech_s']:8.0f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
     return 0
 
 
