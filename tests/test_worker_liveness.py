@@ -291,8 +291,8 @@ def test_the_maintenance_thread_outlives_redis_being_away_when_it_starts(redis_u
         time.sleep(1.0)  # several rounds, the first one included, find no Redis
         assert worker.maintenance.is_alive()
         redis_proxy.refusing = False
-        wait_for(lambda: redis_conn.exists(worker.maintenance.scheduler.key), timeout=10,
-                 what="the scheduler to register once Redis answers")
+        wait_for(lambda: redis_conn.exists(record.worker_beat_key(worker.name)), timeout=10,
+                 what="the worker to beat once Redis answers")
         worker.maintenance.job_started("some-job")  # beats once, from this thread
         time.sleep(settings.lost_after + 2 * settings.heartbeat_interval)  # that beat alone would have expired
         assert 0 < redis_conn.pttl(record.beat_key("some-job")) <= settings.lost_after * 1000
