@@ -534,10 +534,13 @@ class Client:
         return {job.id: job.enqueued_at for job in jobs if job is not None and job.enqueued_at}
 
     def _workers(self) -> list[WorkerInfo]:
+        """RQ's registered workers; one whose audioq beat has lapsed reads ``lost`` (its process is
+        gone, though RQ keeps its registration, "busy" and all, for minutes)."""
         workers = []
         for w in Worker.all(connection=self.connection, serializer=record.SERIALIZER):
+            beating = self.connection.exists(record.worker_beat_key(w.name))
             workers.append(WorkerInfo(
-                name=w.name, state=w.get_state(), current_job=w.get_current_job_id(),
+                name=w.name, state=w.get_state() if beating else "lost", current_job=w.get_current_job_id(),
                 last_heartbeat=w.last_heartbeat, queues=w.queue_names(),
                 successful_jobs=w.successful_job_count, failed_jobs=w.failed_job_count))
         return sorted(workers, key=lambda w: w.name)

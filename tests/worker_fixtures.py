@@ -130,11 +130,11 @@ def long_tone(path: Path) -> Path:
 
 # ------------------------------------------------------------------ worker subprocess
 def start_worker(settings: Settings, log_path: Path, *, burst: bool = False,
-                 max_jobs: int | None = None) -> subprocess.Popen:
+                 max_jobs: int | None = None, name: str | None = None) -> subprocess.Popen:
     """``run_worker`` in a child process, which loads ``settings.model``; its output goes to ``log_path``."""
     assert settings.model, "a worker subprocess loads settings.model: pass model=str(tiny_checkpoint())"
     env = dict(os.environ, **{SETTINGS_ENV: settings.model_dump_json(),
-                              RUN_ENV: json.dumps({"burst": burst, "max_jobs": max_jobs})})
+                              RUN_ENV: json.dumps({"burst": burst, "max_jobs": max_jobs, "name": name})})
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])
     with open(log_path, "ab") as log:
         return subprocess.Popen([sys.executable, "-m", "worker_fixtures"], env=env, stdout=log,
@@ -156,7 +156,7 @@ def _main() -> int:
 
     settings = BackstopSettings.model_validate_json(os.environ[SETTINGS_ENV])
     spec = json.loads(os.environ[RUN_ENV])
-    return run_worker(settings, burst=spec["burst"], max_jobs=spec["max_jobs"])
+    return run_worker(settings, burst=spec["burst"], max_jobs=spec["max_jobs"], name=spec["name"])
 
 
 if __name__ == "__main__":
