@@ -38,6 +38,7 @@ from rq.utils import now
 from rq.worker import Worker
 
 from producer import record
+from producer.connection import connect
 from producer.failures import FailureCode
 from producer.manifest import (EnqueueItem, ManifestError, check_job_id, check_priority, item_from_dict,
                                read_manifest)
@@ -96,8 +97,7 @@ class Client:
 
     def __init__(self, settings: Settings | None = None, connection: redis.Redis | None = None):
         self.settings = settings or load_settings()
-        self.connection = connection or redis.Redis.from_url(
-            self.settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
+        self.connection = connection or connect(self.settings, socket_connect_timeout=5, socket_timeout=30)
         self._queues: dict[str, Queue] = {}
         self._prune_canceled = self.connection.register_script(_PRUNE_CANCELED)
 

@@ -42,6 +42,7 @@ from rq.utils import current_timestamp, now, utcformat
 from rq.worker import SimpleWorker
 
 from producer import record
+from producer.connection import connect
 from producer.failures import AudioqError, FailureCode
 from producer.settings import Settings
 from worker import reaper, registration, retry_schedule, task
@@ -333,7 +334,7 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, burst: bo
         log.error("cannot load model %s: %s", settings.model, exc.message)
         return 3
     log.info("engine %s loaded in %.1f s", engine.model_id, time.perf_counter() - started)
-    connection = redis.Redis.from_url(settings.redis_url)
+    connection = connect(settings)
     # A name that says which Mac ran (or lost) a job; RQ's default is a random hex id.
     worker = AudioWorker(queues or settings.queues, settings=settings, engine=engine, connection=connection,
                          name=name or f"{socket.gethostname()}-{os.getpid()}")
