@@ -12,6 +12,7 @@ halfway (SIGTERM, then the same port and AOF file). At the end every job must be
 two successful results (run to the end twice). Prints enqueue and drain rates, what the
 faults cost, and a JSON summary. Without ``--model`` it uses the tiny random e2b checkpoint.
 Liveness settings are scaled down (``--lost-after``), so lost jobs come back in seconds.
+The run gives up when no job became terminal for ``--stall`` seconds (a stranded job).
 """
 
 from __future__ import annotations
@@ -148,6 +149,8 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--lost-after", type=float, default=4.0)
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds of drain")
+    parser.add_argument("--stall", type=float, default=120.0,
+                        help="give up when no job became terminal for this many seconds")
     args = parser.parse_args()
     random.seed(0)
 
@@ -185,15 +188,18 @@ def main() -> int:
         kill_at = [args.jobs * (k + 0.5) / args.kills for k in range(args.kills)]  # never at the restart
         restart_at, restarted, outage = args.jobs / 2, False, 0.0
         events = []
-        started = time.perf_counter()
+        started = progressed = time.perf_counter()
         done = 0
-        while done < args.jobs and time.perf_counter() - started < args.timeout:
+        while done < args.jobs and time.perf_counter() - started < args.timeout \
+                and time.perf_counter() - progressed < args.stall:
             workers.keep_alive()
             time.sleep(POLL)
             try:
-                done = terminal_count(client.connection, queue)
+                now_done = terminal_count(client.connection, queue)
             except redis.ConnectionError:
                 continue
+            if now_done > done:
+                done, progressed = now_done, time.perf_counter()
             if kill_at and done >= kill_at[0]:
                 kill_at.pop(0)
                 events.append(f"{time.perf_counter() - started:7.1f} s  {done:6d} done  SIGKILL {workers.kill_one()}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from worker_fixtures import free_port
+from worker_fixtures import free_port, stop_server
 
 USER, PASSWORD = "audioq", "s3cret-for-tests"
 ACL_RULE = ["on", f">{PASSWORD}", "~*", "&*", "+@all", "-@dangerous", "+info"]
@@ -50,22 +50,13 @@ def _start(args: list[str], data: Path, ping: redis.Redis) -> subprocess.Popen:
             time.sleep(0.05)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture
 def acl_redis(tmp_path):
     port = free_port()
     url = f"redis://{USER}:{PASSWORD}@127.0.0.1:{port}/0"
     proc = _start(["--port", str(port)], tmp_path, redis.Redis.from_url(url))
     yield RedisServer(url=url, tls={})
-    _stop(proc)
+    stop_server(proc)
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -102,4 +93,4 @@ def tls_redis(tmp_path):
                    "--tls-key-file", str(certs / "server.key"), "--tls-ca-cert-file", str(certs / "ca.crt"),
                    "--tls-auth-clients", "yes"], tmp_path, ping)
     yield RedisServer(url=url, tls=tls, tls_dir=certs)
-    _stop(proc)
+    stop_server(proc)

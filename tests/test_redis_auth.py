@@ -34,17 +34,25 @@ def run_one_job(server, model: str, request: dict, tmp_path) -> str:
     return (tmp_path / "worker.log").read_text()
 
 
+def refusal(url: str, capsys) -> str:
+    """What ``audioq info`` says on stderr when it cannot use the Redis at ``url`` (it must exit 3)."""
+    assert main(["--redis-url", url, "info"]) == 3
+    return capsys.readouterr().err
+
+
+@pytest.fixture(autouse=True)
+def no_config_file(monkeypatch):
+    monkeypatch.delenv("AUDIOQ_CONFIG", raising=False)
+
+
 def test_producer_and_worker_work_as_an_acl_user_with_a_password(acl_redis, tiny_checkpoint, request_for,
                                                                  tmp_path):
     log = run_one_job(acl_redis, str(tiny_checkpoint()), request_for, tmp_path)
     assert PASSWORD not in log
 
 
-def test_a_wrong_password_is_refused_in_a_sentence_that_hides_it(acl_redis, capsys, monkeypatch):
-    monkeypatch.delenv("AUDIOQ_CONFIG", raising=False)
-    wrong = acl_redis.url.replace(PASSWORD, "not-the-password")
-    assert main(["--redis-url", wrong, "info"]) == 3
-    err = capsys.readouterr().err
+def test_a_wrong_password_is_refused_in_a_sentence_that_hides_it(acl_redis, capsys):
+    err = refusal(acl_redis.url.replace(PASSWORD, "not-the-password"), capsys)
     assert "cannot reach Redis at redis://audioq:***@127.0.0.1" in err and "invalid username-password" in err
     assert "not-the-password" not in err
 
@@ -57,11 +65,9 @@ def test_producer_and_worker_work_over_tls_with_a_client_certificate(tls_redis, 
 
 def test_a_tls_server_whose_ca_the_client_does_not_know_is_refused(tls_redis, capsys, monkeypatch):
     """Without redis_tls_ca_file the system store has no such CA: the certificate check fails, loudly."""
-    monkeypatch.delenv("AUDIOQ_CONFIG", raising=False)
     monkeypatch.setenv("AUDIOQ_REDIS_TLS_CERT_FILE", tls_redis.tls["redis_tls_cert_file"])
     monkeypatch.setenv("AUDIOQ_REDIS_TLS_KEY_FILE", tls_redis.tls["redis_tls_key_file"])
-    assert main(["--redis-url", tls_redis.url, "info"]) == 3
-    err = capsys.readouterr().err
+    err = refusal(tls_redis.url, capsys)
     assert "cannot reach Redis at rediss://audioq:***@127.0.0.1" in err and "certificate verify failed" in err
 
 

@@ -307,9 +307,14 @@ def seaweedfs(tmp_path_factory):
                 pytest.skip(f"weed mini did not come up ({type(exc).__name__}); log: {log.read_text()[-500:]}")
             time.sleep(0.1)
     yield endpoint
+    stop_server(proc)
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout`` seconds."""
     proc.terminate()
     try:
-        proc.wait(timeout=15)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

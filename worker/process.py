@@ -7,7 +7,8 @@ lacks, in one background thread (``Maintenance``) that touches Redis only, never
 
 - the running job's beat key, refreshed every ``heartbeat_interval`` (see ``reaper``), and
   the worker's own (see ``registration``: a crashed worker's name is free again at once);
-- the lost-job sweep, in every worker, idle or busy;
+- the lost-job sweep, in every worker, idle or busy, and the slower one for jobs taken off
+  a queue by a worker that died before starting them (``orphans``);
 - retries with backoff (``storage_unavailable``) moved back onto their queue once due
   (``retry_schedule``, lock-free): RQ's ``with_scheduler`` forks a process, unsafe in a
   process holding Metal state, and its locks let a dead holder delay retries for minutes.
@@ -45,7 +46,7 @@ from producer import record
 from producer.connection import connect
 from producer.failures import AudioqError, FailureCode
 from producer.settings import Settings
-from worker import reaper, registration, retry_schedule, task
+from worker import orphans, reaper, registration, retry_schedule, task
 from worker.failures import failure_for
 from worker.gemma4.engine import Engine
 from worker.job import AudioJob
@@ -112,6 +113,7 @@ class Maintenance(threading.Thread):
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + interval
                     reaper.sweep(self.connection, self.worker.queue_names(), self.settings, self.worker.name)
+                    orphans.sweep(self.connection, self.worker.queue_names(), self.settings, self.worker.name)
                 for queue, job_ids in retry_schedule.enqueue_due(self.connection, self.worker.queue_names()).items():
                     log.info("retries due, back on %s: %s", queue, ", ".join(job_ids))
             except redis.RedisError as exc:
