@@ -118,8 +118,9 @@ class Workers:
                 proc.kill()
                 proc.wait()
 
-    def tracebacks(self) -> int:
-        return sum((self.workdir / f"{n}.log").read_text(errors="replace").count("Traceback") for n in self.names)
+    def logged(self, text: str) -> int:
+        """How often ``text`` occurs in the workers' logs."""
+        return sum((self.workdir / f"{n}.log").read_text(errors="replace").count(text) for n in self.names)
 
 
 def terminal_count(connection: redis.Redis, queue: str) -> int:
@@ -226,13 +227,16 @@ def main() -> int:
               f"({args.jobs / drain_s:.1f} jobs/s, {args.jobs / drain_s * 60:,.0f} jobs/min)")
         print(f"states: {dict(states)}; failure codes: {dict(codes)}; run more than once: {requeued}; "
               f"not terminal: {lost}; doubled: {doubled}")
+        recovered = {"lost jobs requeued": workers.logged(" requeued: worker "),
+                     "orphans put back": workers.logged("put back at the front"),
+                     "names taken back": workers.logged("taken back from a gone worker")}
         print(f"worker exits (besides the kills): {dict(+workers.exits)}; tracebacks in worker logs: "
-              f"{workers.tracebacks()}")
+              f"{workers.logged('Traceback')}; {recovered}")
         print(json.dumps({"jobs": args.jobs, "workers": args.workers, "kills": args.kills,
                           "enqueue_per_s": round(created / enqueue_s), "drain_s": round(drain_s, 1),
                           "drain_per_s": round(args.jobs / drain_s, 2), "redis_outage_s": round(outage, 2),
                           "states": dict(states), "failure_codes": dict(codes), "run_more_than_once": requeued,
-                          "not_terminal": lost, "doubled": doubled, "worker_exits": dict(+workers.exits)}))
+                          "not_terminal": lost, "doubled": doubled, "worker_exits": dict(+workers.exits), **recovered}))
         return 0 if lost == 0 and doubled == 0 else 1
     finally:
         if workers is not None:
