@@ -1,10 +1,11 @@
-"""A job RQ's registry cleanup finds abandoned carries audioq's outcome and words, never RQ's.
+"""A job RQ's registry cleanup finds abandoned gets audioq's outcome and words, never RQ's.
 
 RQ's cleanup (every worker's start, then every 10 minutes) fails a started job whose
 registry entry has expired (job timeout + 60 s after it started) with "Moved to
 FailedJobRegistry, due to AbandonedJobError". That happens when no audioq worker swept the
 queue meanwhile: every worker was down longer than that. The entry's score is set in the
 past here to stand for those minutes; the job is stranded as a SIGKILLed worker leaves it.
+(How the producer reads a record RQ's own cleanup failed: ``test_producer_lifecycle``.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from rq.utils import current_timestamp
 from worker_fixtures import enqueue, fetch, strand, worker_settings, write_wav
 
 from producer import record
-from producer.client import Client
 from worker.process import AudioWorker
 
 
@@ -41,15 +41,3 @@ def test_a_workers_registry_cleanup_resolves_an_abandoned_job_as_worker_lost(red
     assert "stopped sending heartbeats" in failure["message"]
     assert job.latest_result().exc_string == f"worker_lost: {failure['message']}"
 
-
-def test_a_job_rq_failed_as_abandoned_reads_worker_lost_in_audioqs_words(redis_url, redis_conn, tmp_path):
-    """A record from a plain RQ worker's cleanup (or one from before audioq's own): the producer
-    says what happened and what to do, not RQ's class names."""
-    settings = worker_settings(redis_url)
-    job = abandoned(redis_conn, settings, tmp_path)
-    StartedJobRegistry(job.origin, connection=redis_conn).cleanup()  # RQ's own, as any RQ worker runs it
-    assert "AbandonedJobError" in fetch(redis_conn, job.id).latest_result().exc_string
-    failure = Client(settings, connection=redis_conn).status(job.id).failure
-    assert failure.code == "worker_lost" and failure.retryable
-    assert failure.message == (f"worker {job.worker_name} stopped while running the job and RQ's cleanup "
-                               f"failed it; `audioq requeue` runs it again")
