@@ -332,7 +332,10 @@ def test_killing_the_reaper_lock_holder_delays_its_jobs_recovery_by_no_more_than
     wait_for(lambda: stage_of(job) == "generate", what="the job to be generating")
     procs.append(start_worker(settings, tmp_path / "second.log"))
     wait_for(lambda: workers(redis_conn) == 2, what="the second worker to register")
-    assert redis_conn.get(reaper.lock_key("default")) == fetch(redis_conn, job.id).worker_name.encode()
+    holder_name = fetch(redis_conn, job.id).worker_name.encode()
+    # The lock lapses for a moment between two of its holder's sweeps; look until it is there.
+    wait_for(lambda: redis_conn.get(reaper.lock_key("default")) == holder_name, timeout=5,
+             interval=0.01, what="the job's worker to hold the reaper lock")
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     killed_at = time.monotonic()
