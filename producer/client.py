@@ -38,6 +38,7 @@ from rq.utils import now
 from rq.worker import Worker
 
 from producer import record
+from producer.connection import connect
 from producer.failures import FailureCode
 from producer.manifest import (EnqueueItem, ManifestError, check_job_id, check_priority, item_from_dict,
                                read_manifest, within_limits)
@@ -112,8 +113,7 @@ class Client:
 
     def __init__(self, settings: Settings | None = None, connection: redis.Redis | None = None):
         self.settings = settings or load_settings()
-        self.connection = connection or redis.Redis.from_url(
-            self.settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
+        self.connection = connection or connect(self.settings, socket_connect_timeout=5, socket_timeout=30)
         self._queues: dict[str, Queue] = {}
         self._prune_canceled = self.connection.register_script(_PRUNE_CANCELED)
 
@@ -608,10 +608,13 @@ class Client:
         return {job.id: job.enqueued_at for job in self._jobs(job_ids) if isinstance(job, Job) and job.enqueued_at}
 
     def _workers(self) -> list[WorkerInfo]:
+        """RQ's registered workers; one whose audioq beat has lapsed reads ``lost`` (its process is
+        gone, though RQ keeps its registration, "busy" and all, for minutes)."""
         workers = []
         for w in Worker.all(connection=self.connection, serializer=record.SERIALIZER):
+            beating = self.connection.exists(record.worker_beat_key(w.name))
             workers.append(WorkerInfo(
-                name=w.name, state=w.get_state(), current_job=w.get_current_job_id(),
+                name=w.name, state=w.get_state() if beating else "lost", current_job=w.get_current_job_id(),
                 last_heartbeat=w.last_heartbeat, queues=w.queue_names(),
                 successful_jobs=w.successful_job_count, failed_jobs=w.failed_job_count))
         return sorted(workers, key=lambda w: w.name)

@@ -13,9 +13,10 @@ request dict as its only argument. Beside RQ's own fields, the job's ``meta`` ho
 - ``META_LOST``: how many times the job was requeued because its worker died.
 
 A finished job's ``JobResult`` dict is the RQ return value (``job.return_value()``).
-Two plain keys support what ``SimpleWorker`` cannot do by itself: a cancel flag the
-worker checks at stage boundaries, and a per-job liveness beat that expires when the
-worker running it dies.
+Plain keys support what ``SimpleWorker`` cannot do by itself: a cancel flag the
+worker checks at stage boundaries, a per-job liveness beat that expires when the
+worker running it dies, and a per-worker beat that does the same for the worker's name
+(so a crashed worker's name is free again and ``info`` can tell the dead from the live).
 """
 
 TASK_FUNC = "worker.task.process_audio_job"
@@ -37,3 +38,7 @@ def cancel_key(job_id: str) -> str:
 
 def beat_key(job_id: str) -> str:
     return f"{KEY_PREFIX}beat:{job_id}"
+
+
+def worker_beat_key(worker_name: str) -> str:
+    return f"{KEY_PREFIX}worker-beat:{worker_name}"

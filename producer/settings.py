@@ -40,6 +40,9 @@ class Settings(BaseModel):
 
     # Redis and queues
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_tls_ca_file: str | None = Field(None, description="CA of the server's certificate (rediss://)")
+    redis_tls_cert_file: str | None = Field(None, description="client certificate, for tls-auth-clients")
+    redis_tls_key_file: str | None = Field(None, description="the client certificate's private key")
     queues: list[str] = Field(default_factory=lambda: ["high", "default", "low"])
     default_queue: str = "default"
     result_ttl: int = Field(7 * 24 * 3600, ge=1, description="seconds a finished job is kept")
@@ -105,6 +108,12 @@ class Settings(BaseModel):
         relative = [root for root in self.file_roots if not os.path.isabs(root)]
         if relative:
             problems.append(f"file_roots must be absolute paths, not {relative}")
+        tls_files = [f for f in ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file") if getattr(self, f)]
+        if tls_files and not self.redis_url.startswith("rediss://"):
+            problems.append(f"{', '.join(tls_files)} set, but redis_url is not rediss:// (TLS files apply to TLS "
+                            f"connections only)")
+        if bool(self.redis_tls_cert_file) != bool(self.redis_tls_key_file):
+            problems.append("redis_tls_cert_file and redis_tls_key_file go together (a client certificate and its key)")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             problems.append(f"default_max_new_tokens ({self.default_max_new_tokens}) is above "
                             f"max_new_tokens_limit ({self.max_new_tokens_limit})")

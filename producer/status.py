@@ -133,13 +133,16 @@ def failure_from_exc_string(exc_string: str | None, attempt: int = 1, worker: st
     error mapping.
     """
     text = exc_string or ""
-    if "AbandonedJobError" in text:
+    message = _last_line(text)
+    if "AbandonedJobError" in text:  # RQ's words ("Moved to FailedJobRegistry, ...") tell a user nothing
         code = FailureCode.WORKER_LOST
+        message = (f"worker {worker or '(unknown)'} stopped while running the job and RQ's cleanup failed it; "
+                   f"`audioq requeue` runs it again")
     elif "JobTimeoutException" in text:
         code = FailureCode.TIMEOUT
     else:
         code = FailureCode.MODEL_ERROR
-    return JobFailure(code=code, message=_last_line(text), retryable=code in RETRYABLE,
+    return JobFailure(code=code, message=message, retryable=code in RETRYABLE,
                       attempt=max(1, attempt), worker=worker or None,
                       at=_utc(at) or datetime.now(timezone.utc))
 

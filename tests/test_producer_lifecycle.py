@@ -283,7 +283,9 @@ def test_abandoned_job_is_synthesised_as_worker_lost(client, workers, long_wav):
     assert status.state == "failed" and stored_job(client, job_id).meta.get(record.META_FAILURE) is None
     failure = status.failure
     assert failure.code == FailureCode.WORKER_LOST and failure.retryable
-    assert failure.message.startswith("Moved to FailedJobRegistry, due to AbandonedJobError, at ")
+    # In audioq's words: RQ's ("Moved to FailedJobRegistry, due to AbandonedJobError") tell a user nothing.
+    assert failure.message == (f"worker {dead} stopped while running the job and RQ's cleanup failed it; "
+                               f"`audioq requeue` runs it again")
     assert (failure.worker, failure.attempt) == (dead, 1)
     assert [s.id for s in client.list("failed")] == [job_id] and client.list("started") == []
 

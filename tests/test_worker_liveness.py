@@ -25,12 +25,13 @@ import pytest
 import redis
 from conftest import make_tone
 from rq import Queue, SimpleWorker
-from worker_fixtures import (enqueue, fetch, long_tone, redis_proxy, start_worker, strand,  # noqa: F401
-                             wait_for, worker_settings, write_wav)
+from rq.registry import ScheduledJobRegistry
+from worker_fixtures import (closed_endpoint, enqueue, fetch, long_tone, redis_proxy, start_worker,  # noqa: F401
+                             strand, wait_for, worker_settings, write_wav)
 
 from producer import record
 from worker import reaper
-from worker.process import AudioWorker
+from worker.process import TICK, AudioWorker
 
 # Tokens, at ~5-7 ms each here: long enough to signal the job mid-generation, short enough to
 # run to the end when the test needs the job finished.
@@ -47,9 +48,10 @@ def liveness_settings(redis_url, **overrides):
 
 def resolve_bounds(settings) -> tuple[float, float]:
     """When, after a worker's death, its job is resolved: once its beat (refreshed every
-    heartbeat_interval, set to expire after lost_after) has expired, at the next sweep."""
+    heartbeat_interval, set to expire after lost_after) has expired, at the next sweep, which
+    comes within a heartbeat_interval (the reaper lock never makes a sweeper skip one)."""
     return settings.lost_after - settings.heartbeat_interval - SLACK / 2, \
-        settings.lost_after + 2 * settings.heartbeat_interval + SLACK
+        settings.lost_after + settings.heartbeat_interval + SLACK
 
 
 @pytest.fixture
@@ -291,10 +293,80 @@ def test_the_maintenance_thread_outlives_redis_being_away_when_it_starts(redis_u
         time.sleep(1.0)  # several rounds, the first one included, find no Redis
         assert worker.maintenance.is_alive()
         redis_proxy.refusing = False
-        wait_for(lambda: redis_conn.exists(worker.maintenance.scheduler.key), timeout=10,
-                 what="the scheduler to register once Redis answers")
+        wait_for(lambda: redis_conn.exists(record.worker_beat_key(worker.name)), timeout=10,
+                 what="the worker to beat once Redis answers")
         worker.maintenance.job_started("some-job")  # beats once, from this thread
         time.sleep(settings.lost_after + 2 * settings.heartbeat_interval)  # that beat alone would have expired
         assert 0 < redis_conn.pttl(record.beat_key("some-job")) <= settings.lost_after * 1000
     finally:
         worker.maintenance.stop()
+
+
+def test_a_sweepers_own_lock_never_keeps_it_from_its_next_sweep(redis_url, redis_conn, tmp_path):
+    """The lock lives one heartbeat_interval; a sweep that comes a moment before it lapses is the
+    holder's, not skipped (which made a lost job wait two beats instead of one)."""
+    settings = liveness_settings(redis_url, lost_job_retries=0)
+    assert reaper.sweep(redis_conn, ["default"], settings, "sweeper") == {}
+    request = {"audio_uri": write_wav(tmp_path / "a.wav", make_tone(1.0)).as_uri()}
+    job = strand(redis_conn, enqueue(redis_conn, request), settings)
+    assert redis_conn.get(reaper.lock_key("default")) == b"sweeper"  # still held from the first sweep
+    assert reaper.sweep(redis_conn, ["default"], settings, "sweeper") == {job.id: "failed"}
+
+
+def test_another_workers_sweep_waits_for_a_held_lock(redis_url, redis_conn, tmp_path):
+    settings = liveness_settings(redis_url, lost_job_retries=0)
+    assert reaper.sweep(redis_conn, ["default"], settings, "holder") == {}
+    request = {"audio_uri": write_wav(tmp_path / "a.wav", make_tone(1.0)).as_uri()}
+    job = strand(redis_conn, enqueue(redis_conn, request), settings)
+    assert reaper.sweep(redis_conn, ["default"], settings, "other") == {}
+    time.sleep(settings.heartbeat_interval)
+    assert reaper.sweep(redis_conn, ["default"], settings, "other") == {job.id: "failed"}
+
+
+def test_killing_the_reaper_lock_holder_delays_its_jobs_recovery_by_no_more_than_a_beat(
+        redis_url, redis_conn, model, long_request, tmp_path, procs, report):
+    """The first worker holds the lock (renewing it) and runs the job; the second starts later."""
+    settings = liveness_settings(redis_url, model=model, heartbeat_interval=0.5, lost_job_retries=0)
+    (holder,) = start_idle_workers(redis_conn, settings, tmp_path, procs, 1)
+    job = enqueue(redis_conn, long_request(KILLED_RUN))
+    wait_for(lambda: stage_of(job) == "generate", what="the job to be generating")
+    procs.append(start_worker(settings, tmp_path / "second.log"))
+    wait_for(lambda: workers(redis_conn) == 2, what="the second worker to register")
+    holder_name = fetch(redis_conn, job.id).worker_name.encode()
+    # The lock lapses for a moment between two of its holder's sweeps; look until it is there.
+    wait_for(lambda: redis_conn.get(reaper.lock_key("default")) == holder_name, timeout=5,
+             interval=0.01, what="the job's worker to hold the reaper lock")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    killed_at = time.monotonic()
+    wait_for(lambda: fetch(redis_conn, job.id).get_status() == "failed", timeout=15, what="the lost job to fail")
+    failed_after = time.monotonic() - killed_at
+    assert failed_after < settings.lost_after + settings.heartbeat_interval + SLACK
+    report(f"worker_lost: the reaper-lock holder's job failed {failed_after:.2f} s after its SIGKILL "
+           f"(lost_after {settings.lost_after:g} s, heartbeat {settings.heartbeat_interval:g} s)")
+
+
+def test_killing_a_worker_delays_no_due_retry(redis_url, redis_conn, model, tmp_path, procs, monkeypatch, report):
+    """Due retries are moved by every worker, lock-free: with RQ's scheduler, the first worker held
+    its locks and a retry waited minutes for the survivor to take them over."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # signed requests, refused at the closed port
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    backoff = 3.0
+    settings = liveness_settings(redis_url, model=model, s3_endpoint_url=closed_endpoint(), storage_retries=1,
+                                 storage_retry_backoff=[backoff])
+    (first,) = start_idle_workers(redis_conn, settings, tmp_path, procs, 1)
+    procs.append(start_worker(settings, tmp_path / "second.log"))
+    wait_for(lambda: workers(redis_conn) == 2, what="the second worker to register")
+    job = enqueue(redis_conn, {"audio_uri": "s3://audio/a.wav"})
+    scheduled = ScheduledJobRegistry("default", connection=redis_conn)
+    due = wait_for(lambda: scheduled.get_scheduled_time(job.id) if job.id in scheduled else None,
+                   what="the first attempt to schedule its retry")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    wait_for(lambda: job.id not in scheduled, timeout=backoff + 10, what="the retry to leave the schedule")
+    late = (datetime.now(timezone.utc) - due).total_seconds()
+    assert late < TICK + SLACK
+    wait_for(lambda: fetch(redis_conn, job.id).get_status() == "failed", what="the second attempt to fail")
+    meta = fetch(redis_conn, job.id).get_meta()
+    assert meta[record.META_ATTEMPT] == 2 and meta[record.META_FAILURE]["code"] == "storage_unavailable"
+    report(f"storage retry: back on its queue {late:.2f} s after it came due, its first worker SIGKILLed")

@@ -130,11 +130,11 @@ def long_tone(path: Path) -> Path:
 
 # ------------------------------------------------------------------ worker subprocess
 def start_worker(settings: Settings, log_path: Path, *, burst: bool = False,
-                 max_jobs: int | None = None) -> subprocess.Popen:
+                 max_jobs: int | None = None, name: str | None = None) -> subprocess.Popen:
     """``run_worker`` in a child process, which loads ``settings.model``; its output goes to ``log_path``."""
     assert settings.model, "a worker subprocess loads settings.model: pass model=str(tiny_checkpoint())"
     env = dict(os.environ, **{SETTINGS_ENV: settings.model_dump_json(),
-                              RUN_ENV: json.dumps({"burst": burst, "max_jobs": max_jobs})})
+                              RUN_ENV: json.dumps({"burst": burst, "max_jobs": max_jobs, "name": name})})
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])
     with open(log_path, "ab") as log:
         return subprocess.Popen([sys.executable, "-m", "worker_fixtures"], env=env, stdout=log,
@@ -156,7 +156,7 @@ def _main() -> int:
 
     settings = BackstopSettings.model_validate_json(os.environ[SETTINGS_ENV])
     spec = json.loads(os.environ[RUN_ENV])
-    return run_worker(settings, burst=spec["burst"], max_jobs=spec["max_jobs"])
+    return run_worker(settings, burst=spec["burst"], max_jobs=spec["max_jobs"], name=spec["name"])
 
 
 if __name__ == "__main__":
@@ -307,9 +307,14 @@ def seaweedfs(tmp_path_factory):
                 pytest.skip(f"weed mini did not come up ({type(exc).__name__}); log: {log.read_text()[-500:]}")
             time.sleep(0.1)
     yield endpoint
+    stop_server(proc)
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout`` seconds."""
     proc.terminate()
     try:
-        proc.wait(timeout=15)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

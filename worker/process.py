@@ -5,10 +5,13 @@ survive a fork, and the model would otherwise load per job. It adds what ``Simpl
 lacks, in one background thread (``Maintenance``) that touches Redis only, never MLX
 (MLX streams belong to the main thread):
 
-- the running job's beat key, refreshed every ``heartbeat_interval`` (see ``reaper``);
-- the lost-job sweep, in every worker, idle or busy;
-- RQ's scheduler for retries with backoff (``storage_unavailable``), run in-thread: RQ's
-  own ``with_scheduler`` forks a process, which is unsafe in a process holding Metal state.
+- the running job's beat key, refreshed every ``heartbeat_interval`` (see ``reaper``), and
+  the worker's own (see ``registration``: a crashed worker's name is free again at once);
+- the lost-job sweep, in every worker, idle or busy, and the slower one for jobs taken off
+  a queue by a worker that died before starting them (``orphans``);
+- retries with backoff (``storage_unavailable``) moved back onto their queue once due
+  (``retry_schedule``, lock-free): RQ's ``with_scheduler`` forks a process, unsafe in a
+  process holding Metal state, and its locks let a dead holder delay retries for minutes.
 
 The beat stops once a job has run longer than ``Settings.hard_timeout``: by then RQ's own
 SIGALRM should have ended it, so the main thread is stuck in a call that never returns
@@ -36,21 +39,21 @@ import redis
 from rq.job import JobStatus
 from rq.logutils import setup_loghandlers
 from rq.queue import Queue
-from rq.scheduler import RQScheduler
 from rq.utils import current_timestamp, now, utcformat
 from rq.worker import SimpleWorker
 
 from producer import record
+from producer.connection import connect
 from producer.failures import AudioqError, FailureCode
 from producer.printable import printable
 from producer.settings import Settings
-from worker import reaper, task
+from worker import orphans, reaper, registration, retry_schedule, task
 from worker.failures import failure_for
 from worker.gemma4.engine import Engine
 from worker.job import AudioJob
 from worker.lifecycle import JobFailed, record_failure
 
-TICK = 1.0  # seconds between the background thread's rounds (scheduler), at most
+TICK = 1.0  # seconds between the background thread's rounds (due retries), at most
 
 log = logging.getLogger("audioq.worker")
 
@@ -68,9 +71,6 @@ class Maintenance(threading.Thread):
         self.job_id: str | None = None
         self.job_started_at = 0.0  # time.monotonic() when the running job started
         self.overdue_logged = False
-        self.scheduler = RQScheduler(worker.queues, connection=worker.connection, serializer=record.SERIALIZER,
-                                     name=f"{worker.name}-scheduler")
-        self.scheduler_born = False
 
     def job_started(self, job_id: str) -> None:
         """Beat before RQ registers the job as started, so the reaper never sees it beatless."""
@@ -104,42 +104,28 @@ class Maintenance(threading.Thread):
         interval = self.settings.heartbeat_interval
         next_beat = next_sweep = 0.0
         while not self.stopping.wait(min(TICK, interval)):
-            # Everything, the scheduler's birth included, inside the try: the thread must outlive any
-            # one bad round (Redis away, ...), or every job this worker runs would look lost.
+            # Everything inside the try: the thread must outlive any one bad round (Redis away,
+            # ...), or every job this worker runs would look lost.
             try:
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + interval
+                    registration.beat(self.connection, self.worker.name, self.settings.lost_after)
                     self.beat()
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + interval
                     reaper.sweep(self.connection, self.worker.queue_names(), self.settings, self.worker.name)
-                self.schedule()
+                    orphans.sweep(self.connection, self.worker.queue_names(), self.settings, self.worker.name)
+                for queue, job_ids in retry_schedule.enqueue_due(self.connection, self.worker.queue_names()).items():
+                    log.info("retries due, back on %s: %s", queue, ", ".join(job_ids))
             except redis.RedisError as exc:
                 log.warning("maintenance: %s: %s", type(exc).__name__, exc)
             except Exception:
                 log.exception("maintenance round failed")
 
-    def schedule(self) -> None:
-        """Move retries that came due back onto their queue (RQScheduler's work, without its fork)."""
-        if not self.scheduler_born:
-            self.scheduler.register_birth()
-            self.scheduler_born = True
-        if self.scheduler.should_reacquire_locks:
-            self.scheduler.acquire_locks()
-        if self.scheduler.acquired_locks:
-            self.scheduler.heartbeat()
-            self.scheduler.enqueue_scheduled_jobs()
-
     def stop(self) -> None:
         self.stopping.set()
         if self.is_alive():
             self.join()
-        try:
-            self.scheduler.release_locks()
-            if self.scheduler_born:
-                self.scheduler.register_death()
-        except redis.RedisError as exc:  # the locks and the scheduler's hash expire by themselves
-            log.warning("maintenance: cannot release the scheduler's locks: %s: %s", type(exc).__name__, exc)
 
 
 class AudioQueue(Queue):
@@ -185,6 +171,23 @@ class AudioWorker(SimpleWorker):
         self.engine = engine
         self.maintenance = Maintenance(self)
 
+    def register_birth(self) -> None:
+        """RQ's, once a gone worker's registration under this name is cleared (``registration``)."""
+        registration.reclaim(self)
+        super().register_birth()
+        registration.beat(self.connection, self.name, self.settings.lost_after)
+
+    def register_death(self) -> None:
+        super().register_death()
+        with suppress(redis.RedisError):  # else the beat expires by itself after lost_after
+            registration.forget(self.connection, self.name)
+
+    def clean_registries(self) -> None:
+        """audioq's reaper first, so RQ's cleanup never fails an abandoned job with its own message."""
+        for name in self.queue_names():
+            reaper.resolve_lost(self.connection, name, self.settings)
+        super().clean_registries()
+
     def bootstrap(self, *args, **kwargs) -> None:
         super().bootstrap(*args, **kwargs)
         task.install(task.Resident(self.engine, self.settings, self.name))
@@ -212,6 +215,9 @@ class AudioWorker(SimpleWorker):
     def resolve_after_cold_shutdown(self, job: AudioJob) -> None:
         """Treat the job like a SIGKILLed worker's: the reaper's ``resolve``, now rather than after lost_after."""
         execution = self.execution  # still set: RQ's cleanup never ran
+        # The thread goes first (the worker is exiting anyway): its sweep would otherwise find the
+        # job beatless between these two steps and resolve it as a worker that stopped beating.
+        self.maintenance.stop()
         try:
             self.maintenance.job_ended(job.id)
             if execution is not None:
@@ -317,7 +323,8 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, burst: bo
     """Load ``settings.model`` once, then work ``queues`` (highest priority first) until stopped.
 
     Returns the process exit status: 0 after a burst, ``max_jobs`` or a warm shutdown; 3 (the
-    CLI's "could not run") when no model is configured or it cannot be loaded.
+    CLI's "could not run") when no model is configured or it cannot be loaded, or when a live
+    worker holds ``name``.
     """
     setup_loghandlers("INFO", name="audioq")
     if not settings.model:
@@ -330,9 +337,13 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, burst: bo
         log.error("cannot load model %s: %s", settings.model, exc.message)
         return 3
     log.info("engine %s loaded in %.1f s", engine.model_id, time.perf_counter() - started)
-    connection = redis.Redis.from_url(settings.redis_url)
+    connection = connect(settings)
     # A name that says which Mac ran (or lost) a job; RQ's default is a random hex id.
     worker = AudioWorker(queues or settings.queues, settings=settings, engine=engine, connection=connection,
                          name=name or f"{socket.gethostname()}-{os.getpid()}")
-    worker.work(burst=burst, max_jobs=max_jobs)
+    try:
+        worker.work(burst=burst, max_jobs=max_jobs)
+    except registration.NameTaken as exc:
+        log.error("%s", exc)
+        return 3
     return 0

@@ -10,7 +10,10 @@ job has run past ``Settings.hard_timeout``: the thread stops beating for it, see
 its own Redis lock (``audioq:reaper-lock:<queue>``) that lets one sweep of that queue happen
 per ``heartbeat_interval``. One lock per queue, not one for all: with a single lock, two
 workers on disjoint queues could fall into step so that one of them always finds the lock
-taken and its queues are never swept. A lost job is resolved within about
+taken and its queues are never swept. The lock is its holder's to renew (``_TAKE_LOCK``):
+a worker whose next sweep came a few milliseconds before its own lock expired used to skip
+that sweep, so a lost job waited two beats instead of one. A dead holder's lock lapses
+within one ``heartbeat_interval``. A lost job is resolved within about
 ``lost_after + heartbeat_interval`` of its worker's death, while any worker on its queue runs.
 
 A lost job goes back to the front of its queue up to ``lost_job_retries`` times (counted in
@@ -38,10 +41,20 @@ from producer.schema import JobFailure
 from producer.settings import Settings
 from worker.job import AudioJob
 
+log = logging.getLogger("audioq.reaper")
+
+# KEYS[1] the lock, ARGV[1] the worker's name, ARGV[2] the lock's life in ms: taken when free
+# or already this worker's (renewed), refused while another live worker holds it.
+_TAKE_LOCK = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
 def lock_key(queue_name: str) -> str:
     return f"{record.KEY_PREFIX}reaper-lock:{queue_name}"
-
-log = logging.getLogger("audioq.reaper")
 
 
 def beat(connection: redis.Redis, job_id: str, worker_name: str, lost_after: float) -> None:
@@ -54,17 +67,29 @@ def sweep(connection: redis.Redis, queue_names: list[str], settings: Settings, w
     Returns ``{job_id: "requeued" | "failed"}``.
     """
     outcomes = {}
+    take_lock = connection.register_script(_TAKE_LOCK)
     for name in queue_names:
-        if not connection.set(lock_key(name), worker_name, nx=True, px=int(settings.heartbeat_interval * 1000)):
+        if take_lock(keys=[lock_key(name)], args=[worker_name, int(settings.heartbeat_interval * 1000)]):
+            outcomes.update(resolve_lost(connection, name, settings))
+    return outcomes
+
+
+def resolve_lost(connection: redis.Redis, queue_name: str, settings: Settings) -> dict[str, str]:
+    """Resolve every started job of ``queue_name`` that has no beat, lock or no lock.
+
+    ``resolve`` is safe to race, so the lock is only an economy: the worker's registry
+    cleanup calls this directly, before RQ's own, which would fail such a job with its
+    "Moved to FailedJobRegistry, due to AbandonedJobError" (and honour RQ's retry fields).
+    """
+    outcomes = {}
+    registry = StartedJobRegistry(queue_name, connection=connection, job_class=AudioJob,
+                                  serializer=record.SERIALIZER)
+    for job_id, execution_id in registry.get_job_and_execution_ids(cleanup=False):
+        if connection.exists(record.beat_key(job_id)):
             continue
-        registry = StartedJobRegistry(name, connection=connection, job_class=AudioJob,
-                                      serializer=record.SERIALIZER)
-        for job_id, execution_id in registry.get_job_and_execution_ids(cleanup=False):
-            if connection.exists(record.beat_key(job_id)):
-                continue
-            outcome = resolve(connection, job_id, execution_id, settings)
-            if outcome:
-                outcomes[job_id] = outcome
+        outcome = resolve(connection, job_id, execution_id, settings)
+        if outcome:
+            outcomes[job_id] = outcome
     return outcomes
 
 

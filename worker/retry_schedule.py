@@ -1,0 +1,56 @@
+"""Retries that came due go back onto their queue: every worker moves them, no lock to hold.
+
+A ``storage_unavailable`` retry waits in its queue's ``ScheduledJobRegistry`` (RQ's, scored
+by the time it is due). RQ's own scheduler moves due jobs under per-queue locks that one
+process holds for minutes and others retake only on their slow maintenance cycle, so a
+dead holder delayed a retry due in 4.5 s by 114 s. Here every worker's maintenance thread
+calls ``enqueue_due`` about once a second; each queue's move is one MULTI/EXEC that WATCHes
+the registry, so when several workers find the same due jobs exactly one of them moves
+them (the others' transactions fail and they move on). Nothing is held between rounds, so
+nothing a dead worker held can delay a retry: a retry is back on its queue within a
+round of coming due while any worker on that queue runs.
+"""
+
+from __future__ import annotations
+
+import redis
+from rq.queue import Queue
+from rq.registry import ScheduledJobRegistry
+from rq.utils import current_timestamp
+
+from producer import record
+from worker.job import AudioJob
+
+BATCH = 500  # due jobs moved per queue per round, so one transaction stays short
+
+
+def enqueue_due(connection: redis.Redis, queue_names: list[str]) -> dict[str, list[str]]:
+    """Move every due job of ``queue_names`` to the back of its queue; returns ``{queue: [job ids]}``."""
+    moved = {}
+    for name in queue_names:
+        job_ids = _move(connection, name)
+        if job_ids:
+            moved[name] = job_ids
+    return moved
+
+
+def _move(connection: redis.Redis, queue_name: str) -> list[str]:
+    queue = Queue(queue_name, connection=connection, job_class=AudioJob, serializer=record.SERIALIZER)
+    registry = ScheduledJobRegistry(queue=queue)
+    with connection.pipeline() as pipe:
+        try:
+            pipe.watch(registry.key)
+            due = [job_id.decode() for job_id in
+                   pipe.zrangebyscore(registry.key, 0, current_timestamp(), start=0, num=BATCH)]
+            if not due:
+                return []
+            jobs = AudioJob.fetch_many(due, connection=connection, serializer=record.SERIALIZER)
+            pipe.multi()
+            for job in jobs:
+                if job is not None:  # a job whose record expired meanwhile only leaves the registry
+                    queue.enqueue_job(job, pipeline=pipe)
+            pipe.zrem(registry.key, *due)
+            pipe.execute()
+        except redis.WatchError:  # another worker moved them (or more came due): its round, not ours
+            return []
+    return due
