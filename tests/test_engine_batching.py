@@ -122,3 +122,17 @@ def test_the_batch_stays_within_its_row_and_token_limits(engine, waves):
                   max_rows=4, max_batch_tokens=limit)
     assert len(done) == 8 and all(o.tokens for o in done)
     assert most == 3
+
+
+def test_a_clip_larger_than_the_token_budget_runs_alone(engine, waves):
+    clips = [ClipRequest(w, "Transcribe this audio.", 4, tag=i) for i, w in enumerate(waves[3:])]
+    pending, outputs = list(clips), {}
+    engine.stream(lambda free: [pending.pop(0) for _ in range(min(free, len(pending)))],
+                  lambda clip, outcome: outputs.__setitem__(clip.tag, outcome), max_batch_tokens=10)
+    assert [outputs[i].tokens for i in range(2)] == [engine.run([c])[0].tokens for c in clips]
+
+
+def test_warm_up_takes_time_once_and_changes_no_result(engine, prompts, alone):
+    seconds = engine.warm_up()
+    assert seconds > 0
+    assert engine.generate(prompts[:2], NEW_TOKENS, stop_ids=()) == alone[:2]

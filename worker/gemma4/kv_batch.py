@@ -41,13 +41,18 @@ class KVBatch:
 
         A key column is visible to a query column when it is not after it, is inside the
         window (sliding layers), and is not the row's left padding. A padding query also
-        sees itself, so its softmax has one finite term (its output is never read).
+        sees itself, so its softmax has one finite term (its output is never read). A decode
+        step's query is the last column, so its mask is one threshold per row.
         """
         total = self.columns + new
         out: dict[str, mx.array | str | None] = {}
         for kind, window in (("full_attention", None), (SLIDING, self.window)):
             if not any(self.pads) and (window is None or total <= window):
                 out[kind] = None if new == 1 else "causal"
+                continue
+            if new == 1:  # a decode step: one threshold column per row, computed on the host
+                first = [max(p, total - window) if window else p for p in self.pads]
+                out[kind] = mx.arange(total) >= mx.array(first)[:, None, None, None]
                 continue
             q = mx.arange(self.columns, total)[:, None]
             k = mx.arange(total)[None]
