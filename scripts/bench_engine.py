@@ -97,14 +97,19 @@ def batch_clips(kind: str, count: int) -> list[np.ndarray]:
     return [synthetic_clip(s, i) for i, s in enumerate(seconds)]
 
 
+BATCH_COLUMNS = [  # title, width, cell template over one result
+    ("clips", 12, "{name}"), ("audio s", 8, "{audio_seconds:.1f}"), ("audio s/s", 9, "{audio_s_per_s:.1f}"),
+    ("alone s/s", 9, "{one_at_a_time_audio_s_per_s:.1f}"), ("x", 5, "{speedup:.1f}"),
+    ("tok/s", 8, "{decode_tok_s:.0f}"), ("front s", 7, "{front_end:.2f}"), ("tower s", 7, "{audio_tower:.2f}"),
+    ("prefill s", 9, "{prefill:.2f}"), ("decode s", 8, "{decode:.2f}"), ("rows", 4, "{peak_rows:.0f}"),
+    ("peak MB", 8, "{peak_mlx_memory_mb:.0f}"),
+]
+
+
 def print_batches(results: list[dict]) -> None:
-    print(f"{'clips':>12} {'audio s':>8} {'audio s/s':>9} {'alone s/s':>9} {'x':>5} {'tok/s':>8} "
-          f"{'front s':>7} {'tower s':>7} {'prefill s':>9} {'decode s':>8} {'rows':>4} {'peak MB':>8}")
+    print(" ".join(f"{title:>{width}}" for title, width, _ in BATCH_COLUMNS))
     for r in results:
-        print(f"{r['name']:>12} {r['audio_seconds']:8.1f} {r['audio_s_per_s']:9.1f} "
-              f"{r['one_at_a_time_audio_s_per_s']:9.1f} {r['speedup']:5.1f} {r['decode_tok_s']:8.0f} "
-              f"{r['front_end']:7.2f} {r['audio_tower']:7.2f} {r['prefill']:9.2f} {r['decode']:8.2f} "
-              f"{int(r['peak_rows']):4d} {r['peak_mlx_memory_mb']:8.0f}")
+        print(" ".join(f"{cell.format(**r):>{width}}" for _, width, cell in BATCH_COLUMNS))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, nargs="*", default=[], help="stream sizes B to run")
     parser.add_argument("--mix", choices=["equal", "mixed", "both"], default="both")
     parser.add_argument("--max-rows", type=int, default=None, help="the engine's max_rows (default: its own)")
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="the engine's KV budget (default: its own)")
+    parser.add_argument("--encode-rows", type=int, default=None, help="clips per tower batch (default: the engine's)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", action="store_true")
@@ -131,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         model = str(build_checkpoint(Path(tempfile.mkdtemp()) / args.preset, args.preset,
                                      layout=args.layout, bits=args.bits))
     started = time.perf_counter()
-    options = {"max_rows": args.max_rows} if args.max_rows else {}
+    options = {name: value for name, value in (("max_rows", args.max_rows), ("encode_rows", args.encode_rows),
+                                               ("max_batch_tokens", args.max_batch_tokens)) if value}
     engine = Engine.load(model, **options)
     load_seconds = time.perf_counter() - started
     warm_up_seconds = engine.warm_up()

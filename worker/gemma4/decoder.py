@@ -37,6 +37,12 @@ class Decoder:
         self.window = args.sliding_window
         self.softcap = args.final_logit_softcapping
         self.tokens = tokens
+        # ids as the embedding tables read them: every media placeholder reads pad (one gather a step)
+        lookup = mx.arange(args.vocab_size)
+        media = [i for i in tokens.multimodal if 0 <= i < args.vocab_size]
+        if media:
+            lookup[mx.array(media)] = tokens.pad
+        self.lookup = lookup
 
     def embed(self, ids: mx.array, audio: list[mx.array | None] | None = None,
               in_prompt: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
@@ -49,10 +55,7 @@ class Decoder:
         are merged on the prefill step only.
         """
         t = self.tokens
-        media = mx.zeros(ids.shape, dtype=mx.bool_)
-        for media_id in t.multimodal:
-            media = media | (ids == media_id)
-        lookup_ids = mx.where(media, t.pad, ids)
+        lookup_ids = self.lookup[ids]
         x = self.stack.embed_tokens(lookup_ids) * self.embed_scale
 
         if audio is not None:

@@ -152,8 +152,10 @@ class Scheduler:
                 live.append(row)
             except Exception as exc:
                 finish(row, exc)
-        if not live:
-            return
+        if live:
+            self._prefill_checked(live, finish)
+
+    def _prefill_checked(self, live: list[Row], finish: Finish) -> None:
         started = time.perf_counter()
         try:
             logits, batch = self.decoder.prefill([r.ids for r in live], [r.audio for r in live],
@@ -169,8 +171,8 @@ class Scheduler:
                                             f"prompt of {len(live[0].ids)} tokens alone: {exc}"))
                 return
             half = len(live) // 2
-            self._prefill(live[:half], finish)
-            self._prefill(live[half:], finish)
+            self._prefill_checked(live[:half], finish)
+            self._prefill_checked(live[half:], finish)
             return
         seconds = time.perf_counter() - started
         self.stats["prefill"] += seconds
