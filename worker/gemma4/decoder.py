@@ -1,4 +1,4 @@
-"""Decoder glue: merged embeddings in, greedy tokens out, on mlx-lm's Gemma 4 layers.
+"""Decoder glue: merged embeddings in, logits out, on mlx-lm's Gemma 4 layers, for a batch of rows.
 
 mlx-lm's ``gemma4_text`` supplies the decoder layers (attention with KV sharing,
 proportional RoPE, PLE gating, ``layer_scalar``). Two things its
