@@ -19,6 +19,12 @@ SECONDS = [0.3, 1.3, 4.0, 11.0, 30.0]
 NEW_TOKENS = 16
 
 
+def feeder(clips: list[ClipRequest]):
+    """A stream's feed over a fixed list: up to ``free`` clips a call, each once."""
+    pending = list(clips)
+    return lambda free: [pending.pop(0) for _ in range(min(free, len(pending)))]
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
     return Engine.load(str(tiny_checkpoint("e2b")))
@@ -64,8 +70,8 @@ def test_rows_joining_mid_flight_decode_as_they_do_alone(engine, prompts, alone)
 
 
 def test_a_row_dropped_by_its_check_point_leaves_the_others_unchanged(engine, waves):
-    clips = [ClipRequest(w, "Transcribe this audio.", 10) for w in waves[:3]]
-    expected = [engine.run([c])[0].tokens for c in clips]
+    clips = [ClipRequest(w, "Transcribe this audio.", 10, tag=i) for i, w in enumerate(waves[:3])]
+    expected = [engine.generate([engine.prompt(c)], 10, stop_ids=())[0] for c in clips]
     steps = 0
 
     def deadline(stage: str) -> None:
@@ -75,11 +81,8 @@ def test_a_row_dropped_by_its_check_point_leaves_the_others_unchanged(engine, wa
             raise TimeoutError("deadline passed")
 
     clips[1].on_stage = deadline
-    for i, clip in enumerate(clips):
-        clip.tag = i
-    pending, outcomes = list(clips), {}
-    engine.stream(lambda free: [pending.pop(0) for _ in range(min(free, len(pending)))],
-                  lambda clip, outcome: outcomes.__setitem__(clip.tag, outcome))
+    outcomes = {}
+    engine.stream(feeder(clips), lambda clip, outcome: outcomes.__setitem__(clip.tag, outcome), stop_ids=())
     assert isinstance(outcomes[1], TimeoutError)
     assert [outcomes[0].tokens, outcomes[2].tokens] == [expected[0], expected[2]]
 
@@ -97,14 +100,15 @@ def test_text_only_turns_and_audio_clips_share_a_batch(engine, waves):
 def test_a_short_output_finishes_while_a_long_one_still_runs(engine, waves):
     long, short, late = (ClipRequest(waves[0], "Transcribe this audio.", n, tag=tag)
                          for n, tag in ((40, "long"), (3, "short"), (3, "late")))
-    pending, finished = [long, short, late], []
-    engine.stream(lambda free: [pending.pop(0) for _ in range(min(free, len(pending)))],
-                  lambda clip, outcome: finished.append(clip.tag), max_rows=2)
+    finished = []
+    engine.stream(feeder([long, short, late]), lambda clip, outcome: finished.append(clip.tag), max_rows=2,
+                  stop_ids=())
     assert finished == ["short", "late", "long"]
 
 
 def test_the_batch_stays_within_its_row_and_token_limits(engine, waves):
-    limit = 3 * (engine.prompt(ClipRequest(waves[2], "Transcribe this audio.", 0)).ids.__len__() + 6)
+    prompt_tokens = len(engine.prompt(ClipRequest(waves[2], "Transcribe this audio.", 0)).ids)
+    limit = 3 * (prompt_tokens + 6)  # room for three rows of this prompt and 6 new tokens
     running, most = set(), 0
 
     def watch(i):
@@ -115,10 +119,9 @@ def test_the_batch_stays_within_its_row_and_token_limits(engine, waves):
                 most = max(most, len(running))
         return hook
 
-    pending = [ClipRequest(waves[2], "Transcribe this audio.", 6, watch(i), tag=i) for i in range(8)]
+    clips = [ClipRequest(waves[2], "Transcribe this audio.", 6, watch(i), tag=i) for i in range(8)]
     done = []
-    engine.stream(lambda free: [pending.pop(0) for _ in range(min(free, len(pending)))],
-                  lambda clip, outcome: (running.discard(clip.tag), done.append(outcome)),
+    engine.stream(feeder(clips), lambda clip, outcome: (running.discard(clip.tag), done.append(outcome)),
                   max_rows=4, max_batch_tokens=limit)
     assert len(done) == 8 and all(o.tokens for o in done)
     assert most == 3
@@ -126,9 +129,8 @@ def test_the_batch_stays_within_its_row_and_token_limits(engine, waves):
 
 def test_a_clip_larger_than_the_token_budget_runs_alone(engine, waves):
     clips = [ClipRequest(w, "Transcribe this audio.", 4, tag=i) for i, w in enumerate(waves[3:])]
-    pending, outputs = list(clips), {}
-    engine.stream(lambda free: [pending.pop(0) for _ in range(min(free, len(pending)))],
-                  lambda clip, outcome: outputs.__setitem__(clip.tag, outcome), max_batch_tokens=10)
+    outputs = {}
+    engine.stream(feeder(clips), lambda clip, outcome: outputs.__setitem__(clip.tag, outcome), max_batch_tokens=10)
     assert [outputs[i].tokens for i in range(2)] == [engine.run([c])[0].tokens for c in clips]
 
 
@@ -136,3 +138,10 @@ def test_warm_up_takes_time_once_and_changes_no_result(engine, prompts, alone):
     seconds = engine.warm_up()
     assert seconds > 0
     assert engine.generate(prompts[:2], NEW_TOKENS, stop_ids=()) == alone[:2]
+
+
+@pytest.mark.parametrize("limit", ["max_rows", "max_batch_tokens", "prefill_tokens"])
+def test_a_limit_below_one_is_refused_instead_of_stalling_the_stream(engine, waves, limit):
+    with pytest.raises(ValueError, match=limit):
+        engine.stream(lambda free: [ClipRequest(waves[0], "Transcribe.", 2)], lambda clip, outcome: None,
+                      **{limit: 0})

@@ -35,7 +35,7 @@ from worker.gemma4.features import MAX_SAMPLES, SAMPLE_RATE, audio_token_count, 
 from worker.gemma4.loader import LoadedModel, load_model
 from worker.gemma4.projector import valid_rows
 from worker.gemma4.prompt import PromptBuilder
-from worker.gemma4.scheduler import Row, Scheduler, pack
+from worker.gemma4.scheduler import Row, Scheduler, check_limits, pack
 
 StageHook = Callable[[str], None]
 WARM_UP_SECONDS = (1.0, 2.5, 30.0, 7.0, 0.5)  # alone, then joining a running batch two at a time
@@ -109,10 +109,8 @@ class Engine:
             raise AudioqError(FailureCode.MODEL_ERROR,
                               f"model {model.name} has no audio tower (its config.json has no "
                               "audio_config): use a Gemma 4 E2B or E4B checkpoint")
-        for name, value in (("max_rows", max_rows), ("max_batch_tokens", max_batch_tokens),
-                            ("prefill_tokens", prefill_tokens), ("encode_rows", encode_rows)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, not {value}")
+        check_limits(max_rows=max_rows, max_batch_tokens=max_batch_tokens, prefill_tokens=prefill_tokens,
+                     encode_rows=encode_rows)
         self.model = model
         self.model_id = model.name
         self.decoder = Decoder(model.text, model.config.tokens)

@@ -62,6 +62,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OOM_MARKERS)
 
 
+def check_limits(**limits: int) -> None:
+    """Every limit at least 1: a zero limit would never admit a row, and the stream would stall."""
+    for name, value in limits.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, not {value}")
+
+
 def pack(sizes: list[int], *, max_padded: int, max_count: int | None = None,
          slack: float = PADDING_SLACK) -> list[list[int]]:
     """Indices of ``sizes`` in groups padded to their longest member, for one batched call.
@@ -88,6 +95,7 @@ def pack(sizes: list[int], *, max_padded: int, max_count: int | None = None,
 
 class Scheduler:
     def __init__(self, decoder: Decoder, *, max_rows: int, max_batch_tokens: int, prefill_tokens: int):
+        check_limits(max_rows=max_rows, max_batch_tokens=max_batch_tokens, prefill_tokens=prefill_tokens)
         self.decoder = decoder
         self.max_rows = max_rows
         self.max_batch_tokens = max_batch_tokens
