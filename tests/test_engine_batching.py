@@ -9,6 +9,7 @@ Budgets ignore stop ids where the comparison needs long outputs.
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -145,3 +146,16 @@ def test_a_limit_below_one_is_refused_instead_of_stalling_the_stream(engine, wav
     with pytest.raises(ValueError, match=limit):
         engine.stream(lambda free: [ClipRequest(waves[0], "Transcribe.", 2)], lambda clip, outcome: None,
                       **{limit: 0})
+
+
+def test_a_resumed_row_continues_as_if_it_had_never_stopped(engine, prompts):
+    """After a step runs out of memory a row is prefilled again with the tokens it already
+    has; a placeholder id among them must read pad, as on a decode step, not ask for audio."""
+    prompt = prompts[2]
+    produced = [17, engine.model.config.tokens.audio, 230, 41]
+    _, batch = engine.decoder.prefill([prompt.ids], [prompt.audio])
+    for token in produced[:-1]:
+        engine.decoder.step(mx.array([token]), batch)
+    stepped = np.array(engine.decoder.step(mx.array([produced[-1]]), batch)[0])
+    resumed, _ = engine.decoder.prefill([prompt.ids], [prompt.audio], [produced])
+    assert np.abs(np.array(resumed[0]) - stepped).max() < 1e-4
