@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import make_tone
+from producer.failures import AudioqError, FailureCode
 from worker.gemma4.engine import ClipRequest, Engine, Prompt
 
 SECONDS = [0.3, 1.3, 4.0, 11.0, 30.0]
@@ -159,3 +160,11 @@ def test_a_resumed_row_continues_as_if_it_had_never_stopped(engine, prompts):
     stepped = np.array(engine.decoder.step(mx.array([produced[-1]]), batch)[0])
     resumed, _ = engine.decoder.prefill([prompt.ids], [prompt.audio], [produced])
     assert np.abs(np.array(resumed[0]) - stepped).max() < 1e-4
+
+
+def test_a_prompt_the_model_refuses_fails_alone_in_its_prefill_group(engine, prompts, alone):
+    good = prompts[1]  # three prompts of one length: one prefill group
+    short = Prompt(good.ids, good.audio[:-1])  # one soft token fewer than placeholders
+    outputs = engine.generate([good, short, good], NEW_TOKENS, stop_ids=())
+    assert isinstance(outputs[1], AudioqError) and outputs[1].code == FailureCode.MODEL_ERROR
+    assert [outputs[0], outputs[2]] == [alone[1], alone[1]]

@@ -320,8 +320,8 @@ class Engine:
 
     def generate(self, prompts: list[Prompt], max_new_tokens: int | list[int], *,
                  stop_ids: tuple[int, ...] | None = None, joins: list[int] | None = None,
-                 **limits: int) -> list[list[int]]:
-        """Greedy tokens per prompt, batched as ``stream`` batches clips.
+                 **limits: int) -> list[list[int] | BaseException]:
+        """Greedy tokens per prompt (or the exception that dropped it), batched as ``stream`` batches clips.
 
         ``stop_ids`` default to the checkpoint's (``()``: run every budget out). ``joins[i]``
         holds prompt i back until decode step ``joins[i]`` (rows joining mid-flight).
@@ -331,7 +331,7 @@ class Engine:
         rows = [Row(p.ids, p.audio, n, stop, owner=i) for i, (p, n) in enumerate(zip(prompts, budgets))]
         joins = joins or [0] * len(rows)
         pending = sorted(range(len(rows)), key=lambda i: joins[i])
-        outputs: list[list[int] | None] = [None] * len(rows)
+        outputs: list[list[int] | BaseException | None] = [None] * len(rows)
         scheduler = self._scheduler(limits)
 
         def feed(free: int) -> list[Row] | None:
@@ -341,9 +341,7 @@ class Engine:
             return [rows[i] for i in ready] if ready or pending else None
 
         def finish(row: Row, outcome: list[int] | BaseException) -> None:
-            if isinstance(outcome, BaseException):
-                raise outcome
-            outputs[row.owner] = list(outcome)
+            outputs[row.owner] = outcome if isinstance(outcome, BaseException) else list(outcome)
 
         scheduler.run(feed, finish)
         return outputs

@@ -7,9 +7,10 @@ batch with them; rows that stop, spend their budget or whose check point raises 
 batch at once, so long outputs never hold short ones hostage.
 
 Running out of device memory fails nothing: a group whose prefill does not fit is split
-in halves and retried; a decode step that does not fit sends every running row back to
-the waiting line (prompt plus the tokens it has so far, re-prefilled later) and halves
-the row limit. Only a row that does not fit even alone fails (``model_error``).
+in halves and retried (so is a group the model refuses, so that the row at fault fails
+alone); a decode step that does not fit sends every running row back to the waiting line
+(prompt plus the tokens it has so far, re-prefilled later) and halves the row limit. Only
+a row that does not fit even alone fails (``model_error``).
 """
 
 from __future__ import annotations
@@ -170,13 +171,14 @@ class Scheduler:
                                                  [r.tokens for r in live])
             first = mx.argmax(logits, axis=-1)
             mx.eval(first, [c.state[:2] for c in batch.caches])
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            mx.clear_cache()
+        except Exception as exc:  # out of memory, or one row the model refuses: halve until it is alone
+            if is_out_of_memory(exc):
+                mx.clear_cache()
+                self.stats["out_of_memory"] += 1
+                exc = AudioqError(FailureCode.MODEL_ERROR, f"out of device memory prefilling one prompt "
+                                  f"of {len(live[0].ids)} tokens alone: {exc}")
             if len(live) == 1:
-                finish(live[0], AudioqError(FailureCode.MODEL_ERROR, f"out of device memory prefilling one "
-                                            f"prompt of {len(live[0].ids)} tokens alone: {exc}"))
+                finish(live[0], exc)
                 return
             half = len(live) // 2
             self._prefill_checked(live[:half], finish)
@@ -229,8 +231,12 @@ class Scheduler:
                 mx.async_eval(following)
             values = self.token.tolist()
         except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
+            if not is_out_of_memory(exc):  # the step itself is broken: its rows fail, the stream goes on
+                rows = self.rows
+                self._keep([])
+                for row in rows:
+                    finish(row, exc)
+                return
             if len(self.rows) == 1:
                 row = self.rows[0]
                 self._keep([])
