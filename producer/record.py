@@ -15,7 +15,9 @@ request dict as its only argument. Beside RQ's own fields, the job's ``meta`` ho
 A finished job's ``JobResult`` dict is the RQ return value (``job.return_value()``).
 Two plain keys support what ``SimpleWorker`` cannot do by itself: a cancel flag the
 worker checks at stage boundaries, and a per-job liveness beat that expires when the
-worker running it dies.
+worker running it dies. A third, a hash, holds a long job's finished chunks (one field per
+chunk index, written as each completes) so that a later attempt resumes instead of
+starting over; it expires with the job and is deleted once the job has its result.
 """
 
 TASK_FUNC = "worker.task.process_audio_job"
@@ -37,3 +39,7 @@ def cancel_key(job_id: str) -> str:
 
 def beat_key(job_id: str) -> str:
     return f"{KEY_PREFIX}beat:{job_id}"
+
+
+def chunks_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}chunks:{job_id}"
