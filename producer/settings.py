@@ -72,6 +72,12 @@ class Settings(BaseModel):
     lost_job_retries: int = Field(1, ge=0)
     temp_dir: str | None = None
 
+    # Worker: chunk plan of long audio (worker/chunk_plan.py; 30 s is the model's window)
+    max_chunk_seconds: float = Field(30.0, gt=0, le=30.0)
+    min_chunk_seconds: float = Field(3.0, gt=0)
+    skip_silence_seconds: float = Field(3.0, gt=0, description="silences this long are not sent to the model")
+    silence_floor_db: float = Field(-60.0, le=0, description="dBFS under which audio is a pause at any level")
+
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":
         """Checks that span fields, so a bad combination fails at load, in producer and worker alike."""
@@ -96,6 +102,9 @@ class Settings(BaseModel):
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             problems.append(f"default_max_new_tokens ({self.default_max_new_tokens}) is above "
                             f"max_new_tokens_limit ({self.max_new_tokens_limit})")
+        if self.min_chunk_seconds > self.max_chunk_seconds / 2:
+            problems.append(f"min_chunk_seconds ({self.min_chunk_seconds:g} s) must be at most half of "
+                            f"max_chunk_seconds ({self.max_chunk_seconds:g} s), or a long span could not be cut")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -7,15 +7,18 @@ tests that need them skip when the tools are missing.
 from __future__ import annotations
 
 import shutil
+import struct
 import subprocess
 
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 from conftest import make_tone
+from recordings import write_blockwise
 
 from producer.failures import AudioqError, FailureCode
-from worker.audio import MIN_SAMPLES, SAMPLE_RATE, decode_audio, sniff_container
+from worker.audio import MIN_SAMPLES, SAMPLE_RATE, audio_seconds_from_header, decode_audio, sniff_container
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
 needs_sox = pytest.mark.skipif(shutil.which("sox") is None, reason="sox is not installed")
@@ -185,3 +188,130 @@ def test_too_long_is_decided_from_the_header_before_decoding(tmp_path):
     sf.write(path, make_tone(60.0), SAMPLE_RATE, format="MP3", subtype="MPEG_LAYER_III")
     path.write_bytes(path.read_bytes()[:4000])
     assert "60.00 s" in fails_with(FailureCode.AUDIO_TOO_LONG, path, max_seconds=30.0)
+
+
+# ------------------------------------------------------------------ streaming decode
+def whole_file_reference(path) -> np.ndarray:
+    """What decode_audio returned before it streamed: the whole file, channel mean, one soxr call."""
+    data, rate = sf.read(path, dtype="float32", always_2d=True)
+    mono = data.mean(axis=1, dtype=np.float32)
+    return mono if rate == SAMPLE_RATE else soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
+
+
+@pytest.mark.parametrize("rate,channels,seconds", [
+    (48_000, 2, 7.3), (44_100, 2, 5.0), (22_050, 1, 13.0), (16_000, 1, 9.0), (8_000, 1, 20.1), (96_000, 6, 2.0),
+])
+def test_streamed_decode_equals_the_whole_file_path(tmp_path, rate, channels, seconds):
+    """Longer than one block read in each case, so block edges fall inside the signal."""
+    path = tmp_path / "a.wav"
+    sf.write(path, make_tone(seconds, sr=rate, channels=channels), rate, subtype="FLOAT")
+    reference = whole_file_reference(path)
+    samples = decode_audio(path)
+    assert samples.shape == reference.shape
+    np.testing.assert_allclose(samples, reference, atol=1e-6)
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("fmt", ["flac", "wav"])
+def test_files_written_to_a_pipe_decode_with_the_length_of_their_samples(tmp_path, fmt):
+    """ffmpeg cannot seek back into a pipe to write the length: FLAC says 0 samples, WAV 0xFFFFFFFF."""
+    source = tmp_path / "source.wav"
+    sf.write(source, make_tone(95.5, sr=22_050), 22_050, subtype="PCM_16")
+    piped = tmp_path / f"piped.{fmt}"
+    subprocess.run(f"ffmpeg -loglevel error -i {source} -f {fmt} pipe:1 > {piped}", shell=True, check=True)
+    samples = decode_audio(piped, max_seconds=4 * 3600)
+    assert samples.size == round(95.5 * SAMPLE_RATE)
+    np.testing.assert_allclose(samples, whole_file_reference(source), atol=1e-4)
+
+
+@needs_ffmpeg
+def test_a_header_without_a_length_is_limited_while_decoding(tmp_path):
+    source = tmp_path / "source.wav"
+    sf.write(source, make_tone(45.0), SAMPLE_RATE, subtype="PCM_16")
+    subprocess.run(f"ffmpeg -loglevel error -i {source} -f flac pipe:1 > {tmp_path / 'p.flac'}", shell=True,
+                   check=True)
+    assert audio_seconds_from_header(tmp_path / "p.flac") is None
+    message = fails_with(FailureCode.AUDIO_TOO_LONG, tmp_path / "p.flac", max_seconds=30.0)
+    assert "longer than 30 s" in message and "at most 30 s" in message
+
+
+def test_the_header_duration_is_read_without_decoding(tmp_path):
+    sf.write(tmp_path / "a.flac", make_tone(12.5, sr=48_000, channels=2), 48_000)
+    assert audio_seconds_from_header(tmp_path / "a.flac") == pytest.approx(12.5)
+
+
+# ------------------------------------------------------------------ long inputs keep their failure codes
+def test_a_long_recording_over_the_limit_is_refused_from_its_header(tmp_path):
+    write_blockwise(tmp_path / "long.flac", 3 * 3600, lambda i, n: np.zeros((n, 1), np.int16), 8000,
+                    subtype="PCM_16")
+    message = fails_with(FailureCode.AUDIO_TOO_LONG, tmp_path / "long.flac", max_seconds=2 * 3600)
+    assert "10800.00 s" in message and "at most 7200 s" in message
+
+
+def test_a_truncated_long_wav_is_corrupt(tmp_path):
+    path = tmp_path / "whole.wav"
+    write_blockwise(path, 600, lambda i, n: make_tone(n / SAMPLE_RATE, seed=i), SAMPLE_RATE, subtype="PCM_16")
+    (tmp_path / "cut.wav").write_bytes(path.read_bytes()[:44 + 2 * 400 * SAMPLE_RATE])
+    assert "announces 600.00 s, it holds 400.00 s" in fails_with(FailureCode.CORRUPT_AUDIO, tmp_path / "cut.wav")
+
+
+def test_nan_samples_deep_inside_a_long_file_are_found(tmp_path):
+    def block(i, n):
+        samples = make_tone(n / 48_000, sr=48_000, channels=2, seed=i)
+        if i == 50:
+            samples[1000:1005, 1] = np.nan
+        return samples
+    write_blockwise(tmp_path / "nan.wav", 60, block, 48_000, channels=2, subtype="FLOAT")
+    assert "5 NaN or infinite samples" in fails_with(FailureCode.CORRUPT_AUDIO, tmp_path / "nan.wav")
+
+
+# ------------------------------------------------------------------ damaged headers in plain words
+LIBSNDFILE_WORDS = ("SF_INFO", "possibly a pipe", "unimplemented format", "Malformed", "Error", "psf_",
+                    "larger than", "bytes expected")
+
+
+def wav_header(rate: int, channels: int = 1, bits: int = 16, frames: int = 16_000) -> bytes:
+    """A canonical PCM WAV whose fmt chunk says ``rate``, ``channels`` and ``bits``, whatever they are."""
+    data = bytes(frames * channels * bits // 8)
+    align = channels * bits // 8
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, (rate * align) & 0xFFFFFFFF, align, bits)
+    return (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + struct.pack("<I", 16) + fmt
+            + b"data" + struct.pack("<I", len(data)) + data)
+
+
+def assert_plain(message: str):
+    assert not any(word in message for word in LIBSNDFILE_WORDS), message
+    assert "\n" not in message and len(message) < 300
+
+
+@pytest.mark.parametrize("rate", [0, 4_000_000_000, 3_000_000_000])
+def test_a_header_with_an_impossible_rate_is_one_plain_sentence(tmp_path, rate):
+    (tmp_path / "a.wav").write_bytes(wav_header(rate))
+    message = fails_with(FailureCode.CORRUPT_AUDIO, tmp_path / "a.wav")
+    assert_plain(message)
+    assert "impossible sample rate" in message and "WAV" in message and "re-export" in message
+
+
+@pytest.mark.parametrize("rate", [1, 999, 2**31 - 1])
+def test_a_sample_rate_no_recording_has_is_refused_before_decoding(tmp_path, rate):
+    """A 1 Hz header would turn every byte into 16 000 output samples."""
+    (tmp_path / "a.wav").write_bytes(wav_header(rate))
+    message = fails_with(FailureCode.CORRUPT_AUDIO, tmp_path / "a.wav")
+    assert_plain(message)
+    assert f"{rate} Hz" in message
+
+
+@pytest.mark.parametrize("prefix,kind", [
+    (b"", None), (b"\xff\xfb\x90\x64", "MP3"), (b"ID3\x04", "MP3"), (b"RIFF\x00\x10\x00\x00WAVEfmt ", "WAV"),
+    (b"fLaC", "FLAC"), (b"OggS", "Ogg"), (b"FORM\x00\x00\x10\x00AIFF", "AIFF"), (b"caff", "CAF"),
+])
+@pytest.mark.parametrize("name", ["upload.mp3", "upload.wav", "upload"])
+def test_random_bytes_are_one_plain_sentence(tmp_path, prefix, kind, name):
+    rng = np.random.default_rng(len(prefix))
+    (tmp_path / name).write_bytes(prefix + rng.integers(0, 256, 20_000, dtype=np.uint8).tobytes())
+    with pytest.raises(AudioqError) as info:
+        decode_audio(tmp_path / name)
+    assert info.value.code in (FailureCode.UNSUPPORTED_FORMAT, FailureCode.CORRUPT_AUDIO)
+    assert_plain(info.value.message)
+    if info.value.code == FailureCode.CORRUPT_AUDIO:
+        assert f"like {kind} audio" in info.value.message or "impossible" in info.value.message

@@ -14,7 +14,8 @@ from functools import lru_cache
 import mlx.core as mx
 import numpy as np
 
-SAMPLE_RATE = 16_000
+from worker.audio import SAMPLE_RATE
+
 FRAME_LENGTH = 320  # 20 ms analysis window
 HOP_LENGTH = 160  # 10 ms
 N_FFT = 2 ** math.ceil(math.log2(FRAME_LENGTH))  # 512
