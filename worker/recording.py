@@ -50,7 +50,7 @@ def plan_recording(samples: np.ndarray, settings: Settings) -> ChunkPlan:
     """The chunk plan under the settings' limits; more than ``max_chunks`` is ``audio_too_long``."""
     plan = plan_chunks(samples, max_chunk_seconds=settings.max_chunk_seconds,
                        skip_silence_seconds=settings.skip_silence_seconds,
-                       min_chunk_seconds=settings.min_chunk_seconds)
+                       min_chunk_seconds=settings.min_chunk_seconds, silence_floor_db=settings.silence_floor_db)
     if len(plan.chunks) > settings.max_chunks:
         raise AudioqError(FailureCode.AUDIO_TOO_LONG,
                           f"the audio ({samples.size / SAMPLE_RATE:.0f} s) is cut into {len(plan.chunks)} chunks of "
