@@ -91,6 +91,8 @@ def _detail(status) -> str:
     if status.state == "started" and status.progress:
         p = status.progress
         chunk = f" chunk {p.chunk}/{p.chunks}" if p.chunk is not None and p.chunks else ""
+        if p.audio_seconds_done is not None and p.audio_seconds:
+            chunk += f", {p.audio_seconds_done:.0f}/{p.audio_seconds:.0f} s done"
         return f"{p.stage}{chunk}"
     if status.result is not None:
         text = " ".join(status.result.text.split())
