@@ -1,7 +1,8 @@
 """A long job's finished chunks are saved as they complete, and a later attempt resumes after them.
 
 Proven with real faults: a worker subprocess SIGKILLed in the middle of a many-chunk job (the
-other worker requeues it and finishes it), and a job canceled mid-way and requeued. Which
+other worker requeues it and finishes it), a job canceled mid-way and requeued, and an S3
+server that stops while the chunks run (the output write fails and RQ retries the job). Which
 chunks the second attempt runs is read from Redis itself (MONITOR sees every chunk saved),
 and the final result must equal an uninterrupted run's. Liveness times are scaled down as in
 test_worker_liveness.py.
@@ -13,10 +14,11 @@ import shutil
 import signal
 import threading
 
+import boto3
 import pytest
 from recordings import speech_with_pauses
 from test_worker_liveness import procs, split_by_job, start_idle_workers  # noqa: F401
-from worker_fixtures import enqueue, fetch, run_burst, wait_for, worker_settings, write_wav
+from worker_fixtures import enqueue, fetch, free_port, run_burst, wait_for, worker_settings, write_wav
 
 from producer import record
 from producer.client import Client
@@ -138,3 +140,45 @@ def test_saved_chunks_that_do_not_match_the_audio_are_rerun(redis_url, redis_con
     result = fetch(redis_conn, job.id).return_value()
     assert result["resumed_chunks"] == 0 and "FORGED" not in result["text"]
     assert len(result["segments"]) == CHUNKS
+
+
+def test_a_long_job_retried_after_its_output_write_failed_runs_no_chunk_again(redis_url, redis_conn, engine, talk,
+                                                                             monkeypatch):
+    """Storage goes down for real (the S3 server stops) while the chunks run; the write fails as
+    storage_unavailable, RQ retries the job once storage is back, and the retry runs no chunk."""
+    from moto.server import ThreadedMotoServer
+
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
+        monkeypatch.setenv(name, value)
+    port = free_port()
+    servers = [ThreadedMotoServer(ip_address="127.0.0.1", port=port)]
+    servers[0].start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="resume-out")
+    settings = worker_settings(redis_url, s3_endpoint_url=endpoint, s3_region="us-east-1", storage_retries=1,
+                               storage_retry_backoff=[2.0], **CHUNK)
+    job = enqueue(redis_conn, {"audio_uri": talk.as_uri(), "max_new_tokens": 20, "output_uri": "s3://resume-out/t/"})
+    saves: list[ChunkSaves] = []
+
+    def storage_outage():
+        wait_for(lambda: saved(redis_conn, job.id), timeout=60, what="a chunk to be saved")
+        servers[0].stop()
+        wait_for(lambda: fetch(redis_conn, job.id).get_meta().get(record.META_RETRY), timeout=60,
+                 what="the failed write to be retried")
+        saves.append(ChunkSaves(redis_conn, job.id))
+        servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port))
+        servers[-1].start()
+
+    outage = threading.Thread(target=storage_outage, daemon=True)
+    outage.start()
+    try:
+        run_burst(settings, engine)
+        outage.join(10)
+    finally:
+        servers[-1].stop()
+    job = fetch(redis_conn, job.id)
+    assert job.get_status() == "finished", job.get_meta().get(record.META_FAILURE)
+    assert job.get_meta()[record.META_RETRY]["code"] == "storage_unavailable"
+    result = job.return_value()
+    assert result["resumed_chunks"] == result["chunks"] == CHUNKS and saves[0].stop() == []
+    assert result["output_uris"] == [f"s3://resume-out/t/{job.id}.json", f"s3://resume-out/t/{job.id}.txt"]
