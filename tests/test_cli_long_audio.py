@@ -16,6 +16,7 @@ import pytest
 import srt
 import webvtt
 from recordings import speech_with_pauses
+from test_cli_producer import cli  # noqa: F401
 from worker_fixtures import run_burst, worker_settings, write_wav
 
 from producer import Client
@@ -32,18 +33,6 @@ def talk(tmp_path_factory):
         pytest.skip("espeak-ng is not installed")
     samples = speech_with_pauses([0.7, 4.0, 0.7, 0.7, 6.0, 0.7, 0.7, 0.7]).samples  # 8 chunks under CHUNK
     return write_wav(tmp_path_factory.mktemp("talk") / "talk.wav", samples, subtype="FLOAT")
-
-
-@pytest.fixture
-def cli(redis_url, capsys, monkeypatch):
-    monkeypatch.delenv("AUDIOQ_CONFIG", raising=False)
-
-    def run(*args: str):
-        code = main(["--redis-url", redis_url, *args])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 @pytest.fixture
