@@ -315,3 +315,17 @@ def test_random_bytes_are_one_plain_sentence(tmp_path, prefix, kind, name):
     assert_plain(info.value.message)
     if info.value.code == FailureCode.CORRUPT_AUDIO:
         assert f"like {kind} audio" in info.value.message or "impossible" in info.value.message
+
+
+def test_a_flac_header_claiming_weeks_is_too_long_or_truncated_and_never_reserved(tmp_path):
+    """FLAC's STREAMINFO holds a 36-bit sample count: a 1 s file may claim 2^36 - 1 samples."""
+    path = tmp_path / "a.flac"
+    sf.write(path, make_tone(1.0), SAMPLE_RATE)
+    data = bytearray(path.read_bytes())
+    # STREAMINFO starts at byte 8; its last 36 bits before the MD5 (bytes 21-25) are the sample count.
+    data[21] = (data[21] & 0xF0) | 0x0F
+    data[22:26] = b"\xff\xff\xff\xff"
+    path.write_bytes(bytes(data))
+    assert "4294967.30 s" in fails_with(FailureCode.AUDIO_TOO_LONG, path, max_seconds=4 * 3600)
+    # Without a limit the claim is not reserved (275 GB): the file decodes, and is called truncated.
+    assert "announces 4294967.30 s, it holds 1.00 s" in fails_with(FailureCode.CORRUPT_AUDIO, path)

@@ -41,9 +41,12 @@ MAX_SOURCE_RATE = 768_000
 # One block read holds at most this many bytes of float32 source frames (~2.7 s of 48 kHz
 # stereo); libsndfile caps channels at 1024, so a block is never under 256 frames.
 BLOCK_BYTES = 1 << 20
-# The output array grows by this factor when the header gave no length.
+# The output array is reserved up front: the header's length, capped at the limit (or at
+# RESERVE_CAP_SECONDS when there is none), or UNKNOWN_LENGTH_START_SECONDS when the header
+# has no length; past that it grows by GROWTH.
 GROWTH = 1.5
 UNKNOWN_LENGTH_START_SECONDS = 60.0
+RESERVE_CAP_SECONDS = 4 * 3600.0
 
 # A healthy MP3 without a Xing/Info header decodes up to ~0.035 s short of libsndfile's
 # size-based estimate (measured on sox and ffmpeg CBR files), so a file is truncated only
@@ -203,7 +206,7 @@ def _stream_mono_16k(sound_file: sf.SoundFile, limit: int | None,
         frames += n
         data = block[:n]
         bad += data.size - int(np.count_nonzero(np.isfinite(data)))
-        mono = data[:, 0] if channels == 1 else data.mean(axis=1, dtype=np.float32)
+        mono = data[:, 0] if channels == 1 else channel_mean(data)
         last = n < block.shape[0]
         out.append(mono if resampler is None else resampler.resample_chunk(mono, last=last))
         if limit is not None and out.size > limit:
@@ -213,12 +216,26 @@ def _stream_mono_16k(sound_file: sf.SoundFile, limit: int | None,
             return out.result(), frames, bad
 
 
+def channel_mean(data: np.ndarray) -> np.ndarray:
+    """[frames, channels] → [frames], summed channel by channel: the same float32 result as
+    ``data.mean(axis=1)`` up to 6 channels (1 ulp off beyond), ~10x faster than that short-axis reduction."""
+    total = data[:, 0].copy()
+    for channel in range(1, data.shape[1]):
+        total += data[:, channel]
+    total /= data.shape[1]
+    return total
+
+
 def _expected_samples(sound_file: sf.SoundFile, limit: int | None) -> int:
-    """Output capacity to reserve: the header's length at 16 kHz, else a guess under the limit."""
-    if sound_file.frames != UNKNOWN_FRAMES:
-        return math.ceil(sound_file.frames * SAMPLE_RATE / sound_file.samplerate) + 64
-    start = int(UNKNOWN_LENGTH_START_SECONDS * SAMPLE_RATE)
-    return start if limit is None else min(start, limit + SAMPLE_RATE)
+    """Output capacity to reserve: the header's length at 16 kHz, else a guess; never more than
+    the limit allows (or ``RESERVE_CAP_SECONDS`` without one), since a header can claim anything.
+    The array grows past it when the audio is longer."""
+    if sound_file.frames == UNKNOWN_FRAMES:
+        guess = int(UNKNOWN_LENGTH_START_SECONDS * SAMPLE_RATE)
+    else:
+        guess = math.ceil(sound_file.frames * SAMPLE_RATE / sound_file.samplerate) + 64
+    cap = int(RESERVE_CAP_SECONDS * SAMPLE_RATE) if limit is None else limit + SAMPLE_RATE
+    return min(guess, cap)
 
 
 def _read_frames(sound_file: sf.SoundFile, block: np.ndarray, done: int) -> int:
@@ -227,7 +244,7 @@ def _read_frames(sound_file: sf.SoundFile, block: np.ndarray, done: int) -> int:
     Calls libsndfile's ``sf_readf_float`` through soundfile's own binding: ``SoundFile.read``
     seeks to its position again after every read, and that libFLAC seek fails ("Internal
     psf_fseek() failed") at the end of a FLAC whose header has no length, and on some
-    healthy FLACs (libsndfile issues #806, #835). Skipping it also makes reads ~30 % faster.
+    healthy FLACs (libsndfile issues #806, #835). Skipping it also makes reads ~25 % faster.
     """
     ffi, snd = sf._ffi, sf._snd
     n = snd.sf_readf_float(sound_file._file, ffi.cast("float *", ffi.from_buffer(block)), block.shape[0])
@@ -240,8 +257,9 @@ def _read_frames(sound_file: sf.SoundFile, block: np.ndarray, done: int) -> int:
 
 
 class _Growing:
-    """A float32 array appended to in place: grows by ``GROWTH`` (realloc, which moves pages
-    instead of copying them for large arrays), trimmed to its length at the end."""
+    """A float32 array appended to in place: grows by ``GROWTH`` with ``ndarray.resize`` (a
+    realloc, which on Linux remaps the pages of an array this size instead of copying them),
+    trimmed to its length at the end."""
 
     def __init__(self, capacity: int):
         self.buffer = np.empty(max(capacity, 1), np.float32)

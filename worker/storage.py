@@ -58,9 +58,12 @@ def _mb(n: int) -> str:
 
 
 def _too_large(uri: str, size: int | None, limit: int) -> AudioqError:
-    found = f"is {_mb(size)}" if size is not None else "is larger than that"
+    if size is None:  # no size announced, or a stream longer than announced
+        found = f"the download of {uri} passed {_mb(limit)} before the end"
+    else:
+        found = f"{uri} is {_mb(size)}"
     return AudioqError(FailureCode.AUDIO_TOO_LARGE,
-                       f"{uri} {found}; this worker accepts at most {_mb(limit)} (max_audio_bytes)")
+                       f"{found}; this worker accepts at most {_mb(limit)} (max_audio_bytes)")
 
 
 def storage_error(exc: Exception, uri: str, client=None, writing: bool = False) -> AudioqError:
@@ -88,6 +91,11 @@ def storage_error(exc: Exception, uri: str, client=None, writing: bool = False) 
     if isinstance(exc, (boto_errors.NoCredentialsError, boto_errors.PartialCredentialsError,
                         boto_errors.ProfileNotFound)):
         return AudioqError(FailureCode.ACCESS_DENIED, f"cannot sign the request for {uri}: {exc}")
+    if isinstance(exc, (boto_errors.IncompleteReadError, boto_errors.ResponseStreamingError)):
+        got = (f" after {exc.kwargs['actual_bytes']} of {exc.kwargs['expected_bytes']} bytes"
+               if isinstance(exc, boto_errors.IncompleteReadError) else "")
+        return AudioqError(FailureCode.STORAGE_UNAVAILABLE,
+                           f"the download of {uri} broke off{got}: the storage server closed the connection early")
     if isinstance(exc, boto_errors.ParamValidationError):
         return AudioqError(FailureCode.INVALID_REQUEST, f"{uri} is not a valid S3 location: {exc}")
     return AudioqError(FailureCode.STORAGE_UNAVAILABLE, f"cannot reach storage for {uri}: {exc}")
