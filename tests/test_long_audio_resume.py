@@ -75,7 +75,8 @@ def uninterrupted(redis_url, redis_conn, engine, request: dict) -> dict:
 
 
 def test_a_sigkilled_workers_long_job_resumes_at_its_first_unfinished_chunk(redis_url, redis_conn, engine,
-                                                                           tiny_checkpoint, talk, tmp_path, procs):
+                                                                           tiny_checkpoint, talk, tmp_path, procs,
+                                                                           report):
     settings = worker_settings(redis_url, model=str(tiny_checkpoint()), lost_after=2.0, **CHUNK)
     pair = start_idle_workers(redis_conn, settings, tmp_path, procs, 2, max_jobs=1)
     request = {"audio_uri": talk.as_uri(), "max_new_tokens": TOKENS}
@@ -100,6 +101,8 @@ def test_a_sigkilled_workers_long_job_resumes_at_its_first_unfinished_chunk(redi
     reference = uninterrupted(redis_url, redis_conn, engine, request)
     assert {k: result[k] for k in SAME} == {k: reference[k] for k in SAME}
     assert reference["resumed_chunks"] == 0
+    report(f"resume: worker SIGKILLed after {len(done_before)} of {CHUNKS} chunks; the second worker ran "
+           f"{len(rerun)}, and the result equals an uninterrupted run's")
 
 
 def test_a_canceled_long_job_stops_before_its_last_chunk_and_resumes_when_requeued(redis_url, redis_conn, engine,
