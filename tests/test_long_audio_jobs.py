@@ -24,13 +24,12 @@ from worker_fixtures import enqueue, fetch, run_burst, worker_settings, write_wa
 
 from producer import record
 from producer.client import Client
-from producer.schema import JobResult
+from producer.schema import JobRequest, JobResult
 from producer.writers import timestamp
 from worker.audio import SAMPLE_RATE, decode_audio
 from worker.chunk_plan import plan_chunks
 from worker.gemma4.engine import ClipRequest
 from worker.instructions import answer_instruction, instruction_for, split_translation, transcribe_instruction
-from producer.schema import JobRequest
 
 CHUNK = {"max_chunk_seconds": 8.0, "min_chunk_seconds": 3.0}  # many chunks from a short recording
 PAUSES = [0.7, 4.0, 0.7, 0.7, 6.0, 0.7, 0.7, 0.7]  # the 4 s and 6 s pauses are skipped
