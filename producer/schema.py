@@ -70,6 +70,12 @@ class JobRequest(BaseModel):
     def _output_uri(cls, v: str | None) -> str | None:
         return None if v is None else _check_uri(v, "output_uri")
 
+    @field_validator("output_formats", mode="before")
+    @classmethod
+    def _formats_from_text(cls, v: Any) -> Any:
+        """A CSV manifest cell (or a flag value) holds the list as text: ``srt,vtt`` or ``srt vtt``."""
+        return v.replace(",", " ").split() if isinstance(v, str) else v
+
     @field_validator("output_formats")
     @classmethod
     def _distinct_formats(cls, v: list[str]) -> list[str]:

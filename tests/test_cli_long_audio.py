@@ -68,6 +68,15 @@ def test_enqueue_names_the_formats_the_worker_writes(cli, client):
     assert code == 2 and "invalid choice" in err
 
 
+def test_a_csv_manifest_names_output_formats_in_one_cell(cli, client, tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text('audio_uri,output_uri,output_formats\ns3://audio/a.wav,s3://audio/out/,"srt, vtt"\n'
+                        "s3://audio/b.wav,s3://audio/out/,txt json srt\n")
+    code, out, _ = cli("enqueue", "--manifest", str(manifest))
+    assert code == 0
+    assert [client.status(i).request.output_formats for i in out.split()] == [["srt", "vtt"], ["txt", "json", "srt"]]
+
+
 def test_wait_advances_its_bar_by_chunk(redis_url, client, engine, talk, monkeypatch, capsys):
     class Terminal(io.StringIO):
         def isatty(self):

@@ -17,8 +17,9 @@ import threading
 import boto3
 import pytest
 from recordings import speech_with_pauses
-from test_worker_liveness import procs, split_by_job, start_idle_workers  # noqa: F401
-from worker_fixtures import enqueue, fetch, free_port, run_burst, wait_for, worker_settings, write_wav
+from rq import SimpleWorker
+from test_worker_liveness import procs, split_by_job  # noqa: F401
+from worker_fixtures import enqueue, fetch, free_port, run_burst, start_worker, wait_for, worker_settings, write_wav
 
 from producer import record
 from producer.client import Client
@@ -78,7 +79,10 @@ def test_a_sigkilled_workers_long_job_resumes_at_its_first_unfinished_chunk(redi
                                                                            tiny_checkpoint, talk, tmp_path, procs,
                                                                            report):
     settings = worker_settings(redis_url, model=str(tiny_checkpoint()), lost_after=2.0, **CHUNK)
-    pair = start_idle_workers(redis_conn, settings, tmp_path, procs, 2, max_jobs=1)
+    pair = [start_worker(settings, tmp_path / f"worker{i}.log", max_jobs=1) for i in range(2)]
+    procs.extend(pair)
+    # Both load the model before the job exists (a loaded 2-core machine may need a while).
+    wait_for(lambda: SimpleWorker.count(connection=redis_conn) == 2, timeout=90, what="2 workers to register")
     request = {"audio_uri": talk.as_uri(), "max_new_tokens": TOKENS}
     job = enqueue(redis_conn, request)
     wait_for(lambda: len(saved(redis_conn, job.id)) >= 2, timeout=60, what="two chunks to be saved")
