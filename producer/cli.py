@@ -4,15 +4,16 @@
 
     enqueue URI | --manifest FILE | --prefix s3://bucket/prefix/ [--all]
             [--task T] [--target-language L] [--prompt P] [--language L]
-            [--max-new-tokens N] [--output-uri URI] [--metadata KEY=VALUE ...]
+            [--max-new-tokens N] [--output-uri URI] [--output-format F ...] [--metadata KEY=VALUE ...]
             [--job-id ID] [--priority high|default|low]
     status ID...            wait ID... [--timeout S] [--poll S]
-    results ID... [--format text|json]
+    results ID... [--format txt|json|srt|vtt]
     list [--state S] [--queue Q] [--limit N] [--offset N]
     cancel ID...            requeue ID... | --all-failed [--queue Q]
     info
     worker --model DIR_OR_REPO [--queue Q ...] [--burst] [--max-jobs N] [--name NAME]
-    transcribe AUDIO... --model DIR [--prompt TEXT] [--max-new-tokens N]
+    transcribe AUDIO... --model DIR [--task T] [--language L] [--target-language L] [--prompt TEXT]
+            [--max-new-tokens N] [--format txt|json|srt|vtt] [--output-dir DIR]
 
 ``--config`` and ``--redis-url`` may come before or after the command. With ``--json``
 every command writes exactly one JSON document to stdout. Commands that take job ids or
@@ -57,7 +58,9 @@ from producer.manifest import PRIORITIES, ManifestError, describe_validation_err
 from producer.printable import printable
 from producer.progress_bar import ProgressLine
 from producer.s3 import StorageError
+from producer.schema import OutputFormat
 from producer.settings import Settings, load_settings
+from producer.writers import WRITERS, get_writer
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_TIMEOUT, EXIT_ERROR = 0, 1, 2, 3
 EXIT_USAGE = EXIT_TIMEOUT  # 2: argparse's own code for a wrong command line
@@ -96,6 +99,8 @@ def _detail(status) -> str:
     if status.state == "started" and status.progress:
         p = status.progress
         chunk = f" chunk {p.chunk}/{p.chunks}" if p.chunk is not None and p.chunks else ""
+        if p.audio_seconds_done is not None and p.audio_seconds:
+            chunk += f", {p.audio_seconds_done:.0f}/{p.audio_seconds:.0f} s done"
         return f"{p.stage}{chunk}"
     if status.result is not None:
         text = " ".join(status.result.text.split())
@@ -134,10 +139,11 @@ def _client(settings: Settings):
 
 def _request_fields(args) -> dict[str, Any]:
     fields: dict[str, Any] = {}
-    for name in ("task", "target_language", "prompt", "language", "max_new_tokens", "output_uri"):
-        if getattr(args, name) is not None:
+    for name in ("task", "target_language", "prompt", "language", "max_new_tokens", "output_uri",
+                 "output_formats"):
+        if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
-    if args.metadata:
+    if getattr(args, "metadata", None):
         metadata = {}
         for pair in args.metadata:
             key, sep, value = pair.partition("=")
@@ -203,18 +209,18 @@ def cmd_status(args, settings: Settings) -> int:
 
 def cmd_wait(args, settings: Settings) -> int:
     from producer.client import WaitTimeout
-    from producer.status import TERMINAL_STATES
-
     bar = _progress(len(set(args.ids)), "wait")
     known: dict[str, str] = {}
+    steps: dict[str, tuple[int, int]] = {}  # job id -> (steps done, steps): its chunks once known, else 1
 
     def on_update(status) -> None:
         known[status.id] = status.state
         if bar is not None:
-            done = sum(state in TERMINAL_STATES for state in known.values())
+            steps[status.id] = _steps(status, steps.get(status.id, (0, 1)))
             counts = {state: list(known.values()).count(state) for state in ("started", "failed", "canceled")}
             note = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
-            bar.update(done, note)
+            bar.total = sum(total for _, total in steps.values()) + len(set(args.ids)) - len(steps)
+            bar.update(sum(done for done, _ in steps.values()), note)
 
     timed_out = False
     try:
@@ -232,6 +238,17 @@ def cmd_wait(args, settings: Settings) -> int:
     return EXIT_OK if all(s.state == "finished" for s in statuses) else EXIT_JOB_FAILED
 
 
+def _steps(status, before: tuple[int, int]) -> tuple[int, int]:
+    """How far one job is, for ``wait``'s bar: a running job counts its chunks, a done one is full."""
+    _, total = before
+    progress = status.progress
+    if progress is not None and progress.chunks:
+        total = progress.chunks
+    if status.terminal:
+        return total, total
+    return (progress.chunks_done or 0) if progress is not None and progress.chunks else 0, total
+
+
 def cmd_results(args, settings: Settings) -> int:
     statuses = _client(settings).status_many(args.ids)
     if args.json or args.format == "json":
@@ -244,7 +261,8 @@ def cmd_results(args, settings: Settings) -> int:
             if s.result is not None:
                 if len(statuses) > 1:
                     print(f"== {s.id} ==")
-                print(printable(s.result.text, keep="\n\t"))  # a transcript's own lines stay lines
+                # a transcript's or subtitle's own lines stay lines; nothing else from Redis reaches the terminal raw
+                sys.stdout.write(printable(get_writer(args.format).render(s.result), keep="\n\t"))
             elif s.failure is not None:
                 _say(printable(f"{s.id}: {s.state}: {s.failure.code.value}: {s.failure.message}"))
             elif s.state == "unreadable":
@@ -354,8 +372,14 @@ def cmd_worker(args, settings: Settings) -> int:
 
 def cmd_transcribe(args, settings: Settings) -> int:
     run_transcribe = _import_worker("worker.transcribe", "run_transcribe")
-    return _callee_code(run_transcribe(args.files, model=args.model, prompt=args.prompt,
+    if args.output_dir and args.json:
+        raise UsageError("--output-dir writes files; --json writes JSON Lines to stdout: give one of them")
+    fields = _request_fields(args)
+    if args.prompt and not args.task:
+        fields["task"] = "prompt"
+    return _callee_code(run_transcribe(args.files, model=args.model, request_fields=fields,
                                        max_new_tokens=args.max_new_tokens, as_json=args.json,
+                                       output_format=args.format, output_dir=args.output_dir,
                                        settings=_worker_settings(args, settings)))
 
 
@@ -388,6 +412,13 @@ def _non_negative_seconds(text: str) -> float:
     return value
 
 
+FORMATS = tuple(WRITERS)
+
+
+def _format(text: str) -> OutputFormat:
+    return "txt" if text == "text" else text  # "text" was the name before subtitles
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="audioq", description="Queue-backed audio jobs for Gemma 4 on MLX.")
     parser.add_argument("--config", metavar="FILE", help="TOML settings file (default: $AUDIOQ_CONFIG)")
@@ -417,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language")
     p.add_argument("--max-new-tokens", type=_positive_int)
     p.add_argument("--output-uri")
+    p.add_argument("--output-format", dest="output_formats", action="append", choices=FORMATS,
+                   help="repeatable: what the worker writes to --output-uri (default: json and txt)")
     p.add_argument("--metadata", action="append", metavar="KEY=VALUE", help="repeatable")
     p.add_argument("--job-id")
     p.add_argument("--priority", choices=PRIORITIES)
@@ -430,9 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll", type=_positive_seconds, default=1.0, metavar="S",
                    help="seconds between checks (default 1)")
 
-    p = command("results", cmd_results, "print transcripts (text) or results and failures (json)")
+    p = command("results", cmd_results, "print transcripts (txt, srt, vtt) or results and failures (json)")
     p.add_argument("ids", nargs="+", metavar="ID")
-    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--format", type=_format, choices=FORMATS, default="txt", help="text is txt")
 
     p = command("list", cmd_list, "list jobs by state and queue")
     p.add_argument("--state", choices=("queued", "scheduled", "deferred", "started", "finished", "failed",
@@ -462,8 +495,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("transcribe", cmd_transcribe, "run the model on local files, no queue")
     p.add_argument("files", nargs="+", metavar="AUDIO")
     p.add_argument("--model", metavar="DIR_OR_REPO", help="default: the settings' model, AUDIOQ_MODEL")
+    p.add_argument("--task", choices=("transcribe", "translate", "prompt"),
+                   help="default: prompt with --prompt, else transcribe")
+    p.add_argument("--target-language")
     p.add_argument("--prompt")
+    p.add_argument("--language")
     p.add_argument("--max-new-tokens", type=_positive_int)
+    p.add_argument("--format", type=_format, choices=FORMATS, help="render each result (default: its text)")
+    p.add_argument("--output-dir", metavar="DIR", help="write DIR/<name>.<format> per file (default format txt)")
     return parser
 
 

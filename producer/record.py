@@ -17,6 +17,9 @@ Plain keys support what ``SimpleWorker`` cannot do by itself: a cancel flag the
 worker checks at stage boundaries, a per-job liveness beat that expires when the
 worker running it dies, and a per-worker beat that does the same for the worker's name
 (so a crashed worker's name is free again and ``info`` can tell the dead from the live).
+A hash holds a long job's finished chunks (one field per chunk index, written as each
+completes) so that a later attempt resumes instead of starting over; it expires with the
+job and is deleted once the job has its result.
 """
 
 TASK_FUNC = "worker.task.process_audio_job"
@@ -42,3 +45,7 @@ def beat_key(job_id: str) -> str:
 
 def worker_beat_key(worker_name: str) -> str:
     return f"{KEY_PREFIX}worker-beat:{worker_name}"
+
+
+def chunks_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}chunks:{job_id}"

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from producer.settings import Settings
 
 AUDIO_SCHEMES = ("s3", "file")
+# What a worker can write to output_uri (producer/writers.py renders each); the default pair
+# is what workers wrote before formats were selectable.
+OutputFormat = Literal["txt", "json", "srt", "vtt"]
+DEFAULT_OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("json", "txt")
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 
 
@@ -67,7 +71,9 @@ class JobRequest(BaseModel):
     prompt: str | None = Field(None, description="the instruction, required for task=prompt")
     language: str | None = Field(None, description="hint: the language spoken in the audio")
     max_new_tokens: WholeNumber | None = Field(None, ge=1, description="None: the worker's default")
-    output_uri: str | None = Field(None, description="prefix to write <job_id>.json/.txt under")
+    output_uri: str | None = Field(None, description="prefix to write <job_id>.<format> under")
+    output_formats: list[OutputFormat] = Field(default_factory=lambda: list(DEFAULT_OUTPUT_FORMATS),
+                                               min_length=1, description="what to write to output_uri")
     metadata: dict[str, Any] = Field(default_factory=dict, description="free-form, echoed back")
 
     @field_validator("audio_uri")
@@ -82,6 +88,17 @@ class JobRequest(BaseModel):
     @classmethod
     def _output_uri(cls, v: str | None) -> str | None:
         return None if v is None else _check_uri(v, "output_uri")
+
+    @field_validator("output_formats", mode="before")
+    @classmethod
+    def _formats_from_text(cls, v: Any) -> Any:
+        """A CSV manifest cell (or a flag value) holds the list as text: ``srt,vtt`` or ``srt vtt``."""
+        return v.replace(",", " ").split() if isinstance(v, str) else v
+
+    @field_validator("output_formats")
+    @classmethod
+    def _distinct_formats(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))  # each file once, in the order first asked
 
     @field_validator("prompt", "target_language", "language")
     @classmethod
@@ -121,23 +138,33 @@ class JobRequest(BaseModel):
         enqueue refuses to create twice.
         """
         key = self.model_dump(mode="json", exclude={"metadata"})
+        if tuple(self.output_formats) == DEFAULT_OUTPUT_FORMATS:
+            del key["output_formats"]  # requests from before the field existed keep their ids
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         return f"aq-{digest[:32]}"
 
 
 class Segment(BaseModel):
+    """One chunk of the recording: seconds from the start of the original audio (3 decimals)."""
+
     start: float
     end: float
     text: str
+    transcript: str | None = Field(None, description="task=translate: what was said, in its own language")
 
 
 class JobResult(BaseModel):
     """A finished job's output."""
 
-    text: str
+    text: str = Field(description="the segments' texts joined; task=prompt: the answer")
     segments: list[Segment]
+    transcript: str | None = Field(None, description="task=translate: the segments' transcripts joined")
     model: str
     audio_seconds: float
+    # Defaults read results written before long audio, when every job was one clip.
+    chunks: int = Field(1, ge=0, description="chunks of the recording sent to the model (silence is skipped)")
+    speech_seconds: float | None = Field(None, description="seconds of audio inside those chunks")
+    resumed_chunks: int = Field(0, ge=0, description="chunks taken from an earlier attempt's record, not rerun")
     timings: dict[str, float] = Field(description="seconds per stage: fetch, decode_audio, front_end, ...")
     worker: str
     tokens: WholeNumber = Field(description="generated tokens, stop token excluded")
@@ -158,11 +185,19 @@ class JobFailure(BaseModel):
 
 
 class Progress(BaseModel):
-    """Where a running job is. ``chunk``/``chunks`` count long-audio chunks once they exist."""
+    """Where a running job is: its stage, and once the audio is planned, which chunk of how many.
+
+    ``chunks_done`` and ``audio_seconds_done`` (the recording is finished up to there) only
+    grow; ``chunk`` is the chunk the stage belongs to. The answer turn of a long ``prompt``
+    task runs after every chunk, with ``chunk`` None.
+    """
 
     stage: Literal[
         "claimed", "fetch", "decode_audio", "front_end", "audio_tower", "prefill", "generate", "write"
     ]
-    chunk: WholeNumber | None = None
-    chunks: WholeNumber | None = None
+    chunk: WholeNumber | None = Field(None, ge=1)
+    chunks: WholeNumber | None = Field(None, ge=0)
+    chunks_done: WholeNumber | None = Field(None, ge=0)
+    audio_seconds_done: float | None = None
+    audio_seconds: float | None = None
     at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

@@ -63,7 +63,11 @@ class Settings(BaseModel):
     # Worker: model and limits
     model: str | None = Field(None, description="checkpoint directory or hub repo id")
     max_audio_bytes: int = Field(512 * 1024 * 1024, ge=1)
-    max_audio_seconds: float = Field(30.0, gt=0)
+    max_audio_seconds: float = Field(4 * 3600.0, gt=0, description="longer audio is audio_too_long")
+    max_chunks: int = Field(2000, ge=1, description="a recording planned into more is audio_too_long")
+    # task=prompt on audio longer than one chunk: the question is answered in one text-only
+    # turn over the timestamped transcript; a turn longer than this many tokens is refused.
+    answer_context_tokens: int = Field(65536, ge=1)
     default_max_new_tokens: int = Field(256, ge=1)
     max_new_tokens_limit: int = Field(2048, ge=1)
     max_prompt_chars: int = Field(4000, ge=1, description="characters of a prompt task's prompt")
@@ -127,7 +131,9 @@ class Settings(BaseModel):
     def job_budget(self, audio_seconds: float | None = None) -> float:
         """Seconds a job may run: the base plus a share per audio second.
 
-        Without a length (the audio is not decoded yet) the longest allowed audio stands in.
+        Without a length (the audio is not decoded yet) the longest allowed audio stands in,
+        so with 4 h audio allowed RQ's backstop (``hard_timeout``) is about 16 h: it must let
+        the longest job finish. A job's own deadline is this budget of its decoded length.
         """
         seconds = self.max_audio_seconds if audio_seconds is None else audio_seconds
         return self.job_timeout_base + self.job_timeout_per_audio_second * seconds

@@ -184,7 +184,7 @@ def test_info_and_status_show_a_live_worker_and_its_running_job(client, workers,
 
     status = start_generating(client, long_wav)
     assert (status.state, status.queue, status.attempt, status.position) == ("started", "default", 1, None)
-    assert (status.progress.chunk, status.progress.chunks) == (None, None)  # one clip: no chunk progress
+    assert (status.progress.chunk, status.progress.chunks) == (1, 1)  # a short clip is one chunk
     assert status.started_at is not None and status.ended_at is None and status.failure is None
     assert status.request.max_new_tokens == LONG_RUN
     assert [s.id for s in client.list("started")] == [status.id]

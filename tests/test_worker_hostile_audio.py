@@ -52,7 +52,7 @@ def test_damaged_audio_jobs_fail_precisely_without_tracebacks(redis_url, redis_c
     jobs = {name: enqueue(redis_conn, {"audio_uri": (tmp_path / name).as_uri()}) for name in bad}
     good_job = enqueue(redis_conn, {"audio_uri": good.as_uri()})
     with caplog.at_level(logging.INFO):
-        run_burst(worker_settings(redis_url), engine)
+        run_burst(worker_settings(redis_url, max_audio_seconds=30.0), engine)  # long_piped.flac is over it
     for name, code in bad.items():
         job = fetch(redis_conn, jobs[name].id)
         message = job.get_meta()[record.META_FAILURE]["message"]

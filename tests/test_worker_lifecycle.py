@@ -183,7 +183,7 @@ def too_large(tmp_path):
     (nan_wav, "corrupt_audio", "NaN", {}),
     (zero_frames, "empty_audio", "no audio samples", {}),
     (few_samples, "empty_audio", "at least 161 samples", {}),
-    (too_long, "audio_too_long", "at most 30 s", {}),
+    (too_long, "audio_too_long", "at most 30 s", {"max_audio_seconds": 30}),
     (too_large, "audio_too_large", "at most 0.1 MB", {"max_audio_bytes": 100_000}),
 ])
 def test_bad_audio_fails_with_its_code_and_the_worker_moves_on(redis_url, redis_conn, engine, tmp_path, wav,

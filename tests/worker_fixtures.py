@@ -123,9 +123,11 @@ def write_wav(path: Path, samples: np.ndarray, rate: int = 16_000, subtype: str 
 
 
 def long_tone(path: Path) -> Path:
-    """A 2 s 440 Hz tone, float WAV at 16 kHz (decoded bit-exact): the e2b checkpoint (seed 0)
-    generates 2048 tokens on it without a stop id. Use with ``max_new_tokens`` up to 2048."""
-    return write_wav(path, make_tone(2.0), subtype="FLOAT")
+    """A 2 s 440 Hz tone (noise seed 10), float WAV at 16 kHz (decoded bit-exact): under the
+    transcription instruction the e2b checkpoint (seed 0) generates 2048 tokens on it without
+    a stop id. Use with ``max_new_tokens`` up to 2048. (Found by trying seeds: the length of a
+    random-weight generation depends on the instruction too.)"""
+    return write_wav(path, make_tone(2.0, seed=10), subtype="FLOAT")
 
 
 # ------------------------------------------------------------------ worker subprocess

@@ -57,7 +57,7 @@ class JobRun:
         self.started = time.monotonic()
         self.attempt = int(job.meta.get(record.META_ATTEMPT, 0)) + 1
         self.audio_seconds: float | None = None
-        self.current: str | None = None
+        self.current: tuple | None = None  # the stage and progress last written
         self.checked_at = -math.inf
 
     @property
@@ -76,8 +76,12 @@ class JobRun:
         self.job.meta.pop(record.META_FAILURE, None)
         self.stage("claimed")
 
-    def stage(self, name: str, chunk: int | None = None, chunks: int | None = None) -> None:
-        """Enter (or stay in) stage ``name``: raise on deadline or cancel, record progress."""
+    def stage(self, name: str, **where) -> None:
+        """Enter (or stay in) stage ``name``: raise on deadline or cancel, record progress.
+
+        ``where``: the other ``Progress`` fields (which chunk, how much is done); progress is
+        written when the stage or any of them changes.
+        """
         now = time.monotonic()
         if now - self.started > self.budget:
             s = self.settings
@@ -86,15 +90,15 @@ class JobRun:
                               f"the job ran {now - self.started:.1f} s, past its budget of {self.budget:.1f} s "
                               f"(job_timeout_base {s.job_timeout_base:g} s + {s.job_timeout_per_audio_second:g} s "
                               f"per second of audio, for {seconds} audio), at stage {name}")
-        if name == self.current and now - self.checked_at < CHECK_INTERVAL:
+        position = (name, *sorted(where.items()))
+        if position == self.current and now - self.checked_at < CHECK_INTERVAL:
             return
         self.checked_at = now
         if self.job.connection.exists(record.cancel_key(self.job.id)):
             raise AudioqError(FailureCode.CANCELED, f"canceled on request, at stage {name}")
-        if name != self.current:
-            self.current = name
-            self.job.meta[record.META_PROGRESS] = Progress(stage=name, chunk=chunk, chunks=chunks).model_dump(
-                mode="json")
+        if position != self.current:
+            self.current = position
+            self.job.meta[record.META_PROGRESS] = Progress(stage=name, **where).model_dump(mode="json")
             self.job.save_meta()
 
     def failure(self, exc: BaseException) -> JobFailure:

@@ -43,7 +43,7 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
@@ -54,8 +54,9 @@ import botocore.exceptions as boto_errors
 
 from producer.failures import AudioqError, FailureCode
 from producer.s3 import s3_client, split_s3_uri
-from producer.schema import JobResult
+from producer.schema import DEFAULT_OUTPUT_FORMATS, JobResult, OutputFormat
 from producer.settings import Settings
+from producer.writers import get_writer
 
 CHUNK_BYTES = 1 << 20
 T = TypeVar("T")
@@ -288,10 +289,11 @@ def _download(uri: str, path: Path, settings: Settings, attempt: _Attempt) -> No
         raise storage_error(exc, uri, client) from None
 
 
-def output_uris(output_uri_prefix: str, job_id: str) -> tuple[str, str]:
-    """Where ``write_outputs`` puts the JSON and the text of a job's result."""
+def output_uris(output_uri_prefix: str, job_id: str,
+                formats: Sequence[OutputFormat] = DEFAULT_OUTPUT_FORMATS) -> tuple[str, ...]:
+    """Where ``write_outputs`` puts each format of a job's result: ``<prefix>/<job_id>.<format>``."""
     base = f"{output_uri_prefix.rstrip('/')}/{job_id}"
-    return f"{base}.json", f"{base}.txt"
+    return tuple(f"{base}.{get_writer(f).extension}" for f in formats)
 
 
 def check_output(output_uri_prefix: str, settings: Settings, deadline: float | None = None) -> None:
@@ -324,11 +326,11 @@ def _head_bucket(output_uri_prefix: str, settings: Settings) -> None:
 
 
 def write_outputs(output_uri_prefix: str, job_id: str, result: JobResult, settings: Settings,
-                  deadline: float | None = None) -> None:
-    """Write ``output_uris``: ``<prefix>/<job_id>.json`` (the whole result) and ``.txt`` (its text)."""
-    json_uri, text_uri = output_uris(output_uri_prefix, job_id)
-    files = [(json_uri, result.model_dump_json(indent=2).encode(), "application/json"),
-             (text_uri, (result.text + "\n").encode(), "text/plain; charset=utf-8")]
+                  formats: Sequence[OutputFormat] = DEFAULT_OUTPUT_FORMATS, deadline: float | None = None) -> None:
+    """Write ``output_uris``: each format rendered by ``producer.writers``."""
+    writers = [get_writer(f) for f in formats]
+    files = [(uri, writer.render(result).encode(), writer.content_type)
+             for uri, writer in zip(output_uris(output_uri_prefix, job_id, formats), writers)]
     if urlparse(output_uri_prefix).scheme == "file":
         _local_path(output_uri_prefix, settings)
         for uri, data, _ in files:

@@ -21,19 +21,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
+from pydantic import ValidationError
 from rq import get_current_job
 from rq.job import Job, Retry
 
+from producer import record
 from producer.failures import AudioqError, FailureCode
-from producer.schema import JobRequest, JobResult, Segment
+from producer.schema import JobRequest, JobResult
 from producer.settings import Settings
-from worker.audio import decode_audio
-from worker.gemma4.features import SAMPLE_RATE
-from worker.gemma4.engine import ClipOutput, ClipRequest, Engine
-from worker.instructions import instruction_for
+from worker.audio import SAMPLE_RATE, decode_audio
+from worker.gemma4.engine import ClipOutput, ClipRequest, Engine, StageHook
 from worker.lifecycle import JobRun
+from worker.recording import ChunkText, Recording, answer_tokens, plan_recording, run_alone
 from worker.request import parse_request
 from worker.storage import check_output, fetched_audio, output_uris, write_outputs
 
@@ -76,9 +75,10 @@ class JobWork:
     """One job from claim to result: the clips the engine must run for it, and what their outputs make.
 
     The seam between a job and the engine. ``prepare`` does the job's own I/O (output check,
-    fetch, decode); ``clips`` hands the engine what is ready to run; ``clip_done`` takes each
-    output back; once ``complete``, ``result`` builds (and writes) the job's result. A worker
-    may hold many of these at once and feed all their clips into one ``Engine.stream``.
+    fetch, decode) and plans its chunks; ``clips`` hands the engine what is ready to run;
+    ``clip_done`` takes each output back, in any order, and saves a finished chunk on the
+    record at once; once ``complete``, ``result`` builds (and writes) the job's result. A
+    worker may hold many of these at once and feed all their clips into one ``Engine.stream``.
     Failures of any step go through ``failed``.
     """
 
@@ -88,17 +88,11 @@ class JobWork:
         self.run = JobRun(job, home.settings, home.worker_name)
         self.raw_request = raw_request
         self.request: JobRequest | None = None
-        self.samples: np.ndarray | None = None
+        self.recording: Recording | None = None
         self.timings: dict[str, float] = {}
-        self.pending: list[ClipRequest] = []
-        self.outputs: list[ClipOutput] = []
-
-    @property
-    def audio_seconds(self) -> float:
-        return 0.0 if self.samples is None else self.samples.size / SAMPLE_RATE
 
     def prepare(self) -> None:
-        """Claim the job, check its request and output location, then fetch and decode its audio."""
+        """Claim the job, check its request and output location, fetch and decode its audio, plan its chunks."""
         self.run.claim()
         settings = self.home.settings
         self.request = request = parse_request(self.raw_request, settings, self.home.engine.prompts)
@@ -111,45 +105,58 @@ class JobWork:
             self.timings["fetch"] = time.perf_counter() - started
             self.run.stage("decode_audio")
             started = time.perf_counter()
-            max_seconds = min(settings.max_audio_seconds, self.home.engine.max_clip_seconds)
-            self.samples = decode_audio(path, max_seconds=max_seconds)
-            self.timings["decode_audio"] = time.perf_counter() - started
-        self.run.audio_seconds = self.audio_seconds
-        self.pending = [ClipRequest(self.samples, instruction_for(request), budget, on_stage=self.run.stage)]
+            samples = decode_audio(path, max_seconds=settings.max_audio_seconds)
+        self.timings["decode_audio"] = time.perf_counter() - started
+        self.run.audio_seconds = samples.size / SAMPLE_RATE
+        started = time.perf_counter()
+        plan = plan_recording(samples, settings)
+        self.timings["plan_chunks"] = time.perf_counter() - started
+        self.recording = Recording(samples, plan, request, budget, count_tokens=answer_tokens(self.home.engine),
+                                   answer_context_tokens=settings.answer_context_tokens,
+                                   saved=saved_chunks(self.job), on_stage=self._chunk_hook)
+
+    def _chunk_hook(self, chunk: int | None) -> StageHook:
+        """The check point of chunk ``chunk``'s clip (None: the answer turn): deadline, cancel, progress."""
+
+        def hook(stage: str) -> None:
+            done, seconds = self.recording.progress()
+            self.run.stage(stage, chunk=None if chunk is None else chunk + 1, chunks=self.recording.chunks,
+                           chunks_done=done, audio_seconds_done=seconds, audio_seconds=self.run.audio_seconds)
+
+        return hook
 
     def clips(self) -> list[ClipRequest]:
         """The clips ready to run now (each handed out once)."""
-        ready, self.pending = self.pending, []
-        return ready
+        return [] if self.recording is None else self.recording.clips()
 
     def clip_done(self, clip: ClipRequest, output: ClipOutput) -> None:
-        self.outputs.append(output)
+        finished = self.recording.clip_done(clip, output)
+        if finished is not None:
+            save_chunk(self.job, clip.tag, finished, self.home.settings)
 
     @property
     def complete(self) -> bool:
-        return self.request is not None and not self.pending and len(self.outputs) == 1
+        return self.recording is not None and self.recording.complete
 
     def result(self) -> dict:
         """The job's ``JobResult`` dict (RQ's return value), written to its output URI when it asked for one."""
-        (output,) = self.outputs
-        seconds = round(self.audio_seconds, 3)
-        result = JobResult(
-            text=output.text, segments=[Segment(start=0.0, end=seconds, text=output.text)],
-            model=self.home.engine.model_id, audio_seconds=seconds, timings={**self.timings, **output.timings},
-            worker=self.home.worker_name, tokens=len(output.tokens), audio_tokens=output.audio_tokens,
-            metadata=self.request.metadata)
-        prefix = self.request.output_uri
+        fields = self.recording.result_fields()
+        result = JobResult(**{**fields, "timings": {**self.timings, **fields["timings"]}},
+                           model=self.home.engine.model_id, worker=self.home.worker_name,
+                           metadata=self.request.metadata)
+        prefix, formats = self.request.output_uri, self.request.output_formats
         if prefix:
             self.run.stage("write")
             started = time.perf_counter()
-            result.output_uris = list(output_uris(prefix, self.job.id))
-            write_outputs(prefix, self.job.id, result, self.home.settings, deadline=self.run.deadline)
+            result.output_uris = list(output_uris(prefix, self.job.id, formats))
+            write_outputs(prefix, self.job.id, result, self.home.settings, formats, deadline=self.run.deadline)
             result.timings["write"] = time.perf_counter() - started
+        self.job.connection.delete(record.chunks_key(self.job.id))  # the result holds them now
         return result.model_dump(mode="json")
 
     def failed(self, exc: BaseException) -> Retry:
         """A ``Retry`` for RQ when storage may recover; otherwise the failure goes on the record and
-        ``JobFailed`` is raised."""
+        ``JobFailed`` is raised. Finished chunks stay saved, so a retry or a requeue resumes after them."""
         failure = self.run.failure(exc)
         retry = self.run.retry_later(failure)
         if retry is not None:
@@ -157,15 +164,27 @@ class JobWork:
         raise self.run.fail(failure) from None
 
 
-def run_alone(engine: Engine, work: JobWork) -> None:
-    """Run one job's clips through the engine; the first clip that fails raises."""
+def saved_chunks(job: Job) -> dict[int, ChunkText]:
+    """The chunks earlier attempts finished. Anyone who can write Redis can write this hash, so a
+    field that is not a chunk index holding a valid ``ChunkText`` is ignored, and ``Recording``
+    reruns any chunk whose bounds or samples differ from the saved ones."""
+    saved: dict[int, ChunkText] = {}
+    for field, value in job.connection.hgetall(record.chunks_key(job.id)).items():
+        try:
+            saved[int(field)] = ChunkText.model_validate_json(value)
+        except (ValueError, ValidationError):
+            continue
+    return saved
 
-    def on_done(clip: ClipRequest, outcome: ClipOutput | BaseException) -> None:
-        if isinstance(outcome, BaseException):
-            raise outcome
-        work.clip_done(clip, outcome)
 
-    engine.stream(lambda free: work.clips()[:free] if free else [], on_done)
+def save_chunk(job: Job, index: int, finished: ChunkText, settings: Settings) -> None:
+    """One hash field per chunk, so a save costs the same however many are done. The hash lives as
+    long as a failed job's record, for a requeue to resume from."""
+    key = record.chunks_key(job.id)
+    with job.connection.pipeline() as pipe:
+        pipe.hset(key, str(index), finished.model_dump_json())
+        pipe.expire(key, max(settings.failure_ttl, settings.result_ttl))
+        pipe.execute()
 
 
 def process_audio_job(request: dict) -> dict | Retry:
