@@ -22,6 +22,7 @@ from worker_fixtures import run_burst, worker_settings, write_wav
 from producer import Client
 from producer.cli import main
 from producer.schema import JobResult
+from worker.gemma4.engine import Engine
 
 CHUNK = {"max_chunk_seconds": 8.0, "min_chunk_seconds": 3.0}
 CHUNK_ENV = {"AUDIOQ_MAX_CHUNK_SECONDS": "8", "AUDIOQ_MIN_CHUNK_SECONDS": "3"}
@@ -89,7 +90,8 @@ def test_wait_advances_its_bar_by_chunk(redis_url, client, engine, talk, monkeyp
     waiter = threading.Thread(target=lambda: codes.append(
         main(["--redis-url", redis_url, "wait", job_id, "--poll", "0.05"])))
     waiter.start()
-    run_burst(client.settings, engine)
+    # Two rows at a time, so the 8 chunks finish at different steps (a 32-row batch finishes them together).
+    run_burst(client.settings, Engine(engine.model, max_rows=2))
     waiter.join(30)
     assert codes == [0]
     shown = terminal.getvalue()

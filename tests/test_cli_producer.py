@@ -22,6 +22,7 @@ from worker_fixtures import run_burst, worker_settings, write_wav
 
 from producer import Client
 from producer.cli import main
+from producer.printable import printable
 
 
 @pytest.fixture
@@ -218,7 +219,7 @@ def test_results_wait_and_exit_codes(cli, client, engine, capsys, tmp_path):
     done, failed = run_jobs(client, engine, capsys, write_wav(tmp_path / "a.wav", make_tone(1.0)),
                             tmp_path / "missing.wav")
     text = client.status(done).result.text
-    assert cli("results", done) == (0, text + "\n", "")
+    assert cli("results", done) == (0, printable(text, keep="\n\t") + "\n", "")  # control characters escaped
     code, out, _ = cli("results", done, failed, "--format", "json")
     docs = json.loads(out)
     assert code == 1 and docs[0]["result"]["text"] == text and docs[0]["result"]["audio_seconds"] == 1.0
