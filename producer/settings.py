@@ -68,6 +68,12 @@ class Settings(BaseModel):
     lost_job_retries: int = Field(1, ge=0)
     temp_dir: str | None = None
 
+    # Worker: batching (see docs/design.md, "Several jobs at once")
+    batch_max_jobs: int = Field(32, ge=1, description="jobs whose clips run in the engine at once; 1 = one at a time")
+    batch_token_budget: int = Field(65536, ge=1, description="KV-cache rows the running clips may hold, in tokens")
+    prefetch_jobs: int = Field(4, ge=0, description="jobs fetched and decoded ahead of the engine")
+    redis_retry_max_wait: float = Field(2.0, gt=0, description="longest wait between reconnects while Redis is away")
+
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":
         """Checks that span fields, so a bad combination fails at load, in producer and worker alike."""
