@@ -96,6 +96,26 @@ def test_several_jobs_are_started_at_once_each_with_its_own_record_and_a_bad_one
     assert "warm-up" in (tmp_path / "worker.log").read_text()
 
 
+def test_a_high_priority_job_joins_the_running_batch_instead_of_waiting_for_it_to_drain(
+        redis_url, redis_conn, model, requests, tmp_path, procs):
+    """A high-priority job enqueued while the batch runs ends before the last of the jobs the worker
+    had already taken: it is taken at the engine's next step and runs ahead of lower-priority clips
+    (with a batched engine it runs beside the long job; one clip at a time, right after it)."""
+    settings = worker_settings(redis_url, model=model, prefetch_jobs=3)
+    long = enqueue(redis_conn, requests["long"]())
+    default = [enqueue(redis_conn, requests["short"](n), job_id=f"short-{n}") for n in range(6)]
+    procs.append(worker := start_worker(settings, tmp_path / "worker.log", burst=True))
+    wait_for(lambda: fetch(redis_conn, long.id).get_meta().get(record.META_PROGRESS, {}).get("stage") == "generate",
+             timeout=60, what="the long job to be generating")
+    taken = started_ids(redis_conn)
+    assert len(taken) > 1  # the batch holds more than the long job
+    urgent = enqueue(redis_conn, requests["short"]("urgent"), queue="high", job_id="urgent")
+    assert worker.wait(timeout=90) == 0
+    ended = {job.id: fetch(redis_conn, job.id).ended_at for job in [long, *default, urgent]}
+    assert fetch(redis_conn, urgent.id).get_status() == "finished"
+    assert ended[urgent.id] < max(ended[job_id] for job_id in taken)
+
+
 def test_a_worker_sigkilled_mid_batch_loses_none_of_its_jobs(redis_url, redis_conn, model, requests, tmp_path,
                                                              procs):
     """Every job the dead worker held is resolved on its own (here, lost_job_retries 0: worker_lost);
