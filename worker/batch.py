@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from worker.process import AudioWorker
 
 WAIT = 0.25  # seconds the main thread waits for a thread's step before it looks at the queues again
+POLL = 0.2  # seconds between looks at queues found empty, so a busy engine's steps do not each cost round trips
 
 log = logging.getLogger("audioq.worker")
 
@@ -101,12 +102,14 @@ class Batch:
         self.alarm = None
         self.backoff = Backoff(self.settings.redis_retry_max_wait)
         self.taking_again_at = 0.0
+        self.outside = 0.0  # seconds the main thread spent in feed and on_done: the engine's idle time
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.settings.prefetch_jobs),
                                        thread_name_prefix="audioq-prefetch")
 
     # ------------------------------------------------------------------ the loop
     def run(self, job: AudioJob, queue: Queue, execution: Execution) -> None:
         """Run the first job and every job taken while it runs, until none is held and none is waiting."""
+        started = time.perf_counter()
         try:
             self.hold(job, queue, execution)
             while self.held:
@@ -122,6 +125,8 @@ class Batch:
         finally:
             self.disarm()
             self.pool.shutdown(wait=False, cancel_futures=True)
+        log.info("batch: %d jobs in %.3f s, %.3f s of it outside the engine (queues, storage, records)",
+                 self.claims, time.perf_counter() - started, self.outside)
 
     def feed(self, free: int) -> list[ClipRequest]:
         """The engine asks for up to ``free`` clips: collect what threads finished, take jobs, hand out clips.
@@ -130,6 +135,13 @@ class Batch:
         nothing is held, which ends the stream.
         """
         self.disarm()
+        entered = time.perf_counter()
+        try:
+            return self.next_clips(free)
+        finally:
+            self.outside += time.perf_counter() - entered
+
+    def next_clips(self, free: int) -> list[ClipRequest]:
         while True:
             self.advance()
             self.take(free)
@@ -147,6 +159,13 @@ class Batch:
 
     def on_done(self, clip: ClipRequest, outcome: ClipOutput | BaseException) -> None:
         self.disarm()
+        entered = time.perf_counter()
+        try:
+            self.take_back(clip, outcome)
+        finally:
+            self.outside += time.perf_counter() - entered
+
+    def take_back(self, clip: ClipRequest, outcome: ClipOutput | BaseException) -> None:
         held, original, _, cost = self.in_flight.pop(id(clip))
         held.in_engine -= 1
         self.tokens -= cost
@@ -181,6 +200,7 @@ class Batch:
                 return
             self.backoff.succeeded()
             if taken is None:
+                self.taking_again_at = time.monotonic() + POLL
                 return
             self.hold(*taken)
 
