@@ -18,8 +18,8 @@ import redis
 from conftest import make_tone
 from rq import Queue, SimpleWorker
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
-from worker_fixtures import (enqueue, failure_code, fetch, free_port, long_tone, run_burst, start_worker, strand,
-                             wait_for, worker_settings, write_wav)
+from worker_fixtures import (enqueue, failure_code, fetch, free_port, long_tone, procs, run_burst,  # noqa: F401
+                             start_worker, strand, wait_for, worker_settings, write_wav)
 
 from producer import record
 
@@ -30,16 +30,6 @@ SHORT_RUN = 40
 @pytest.fixture
 def model(tiny_checkpoint) -> str:
     return str(tiny_checkpoint())
-
-
-@pytest.fixture
-def procs():
-    started = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import pytest
 import redis
 from conftest import make_tone
 from rq import Queue, SimpleWorker
-from worker_fixtures import (enqueue, fetch, long_tone, redis_proxy, start_worker, strand,  # noqa: F401
+from worker_fixtures import (enqueue, fetch, long_tone, procs, redis_proxy, start_worker, strand,  # noqa: F401
                              wait_for, worker_settings, write_wav)
 
 from producer import record
@@ -61,16 +61,6 @@ def model(tiny_checkpoint) -> str:
 def long_request(tmp_path):
     uri = long_tone(tmp_path / "long.wav").as_uri()
     return lambda max_new_tokens: {"audio_uri": uri, "max_new_tokens": max_new_tokens}
-
-
-@pytest.fixture
-def procs():
-    started = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def stage_of(job) -> str | None:
