@@ -263,6 +263,7 @@ class AudioWorker(SimpleWorker):
         # Never below the longest job the settings allow (a producer's -1, "no limit", included):
         # the hard time limit must stay a backstop behind the cooperative deadline.
         job.timeout = max(job.timeout or 0, self.settings.hard_timeout)
+        self.execution = None  # not the previous job's, should Redis fail before this one's exists
         self.maintenance.job_started(job.id)
         execution = self.prepare_execution(job)
         try:
