@@ -113,7 +113,7 @@ def test_a_worker_sigkilled_mid_batch_loses_none_of_its_jobs(redis_url, redis_co
     settings = worker_settings(redis_url, model=model, prefetch_jobs=3, lost_after=2.0, lost_job_retries=0)
     doomed = start_worker(settings, tmp_path / "doomed.log")
     procs.append(doomed)
-    wait_for(lambda: SimpleWorker.count(connection=redis_conn) == 1, what="the worker to register")
+    wait_for(lambda: SimpleWorker.count(connection=redis_conn) == 1, timeout=60, what="the worker to register")
     long = enqueue(redis_conn, requests["long"](2048))
     short = [enqueue(redis_conn, requests["short"](n), job_id=f"short-{n}") for n in range(6)]
     wait_for(lambda: fetch(redis_conn, long.id).get_meta().get(record.META_PROGRESS, {}).get("stage") == "generate",
@@ -132,6 +132,26 @@ def test_a_worker_sigkilled_mid_batch_loses_none_of_its_jobs(redis_url, redis_co
         else:
             assert job.get_status() == "finished" and job.return_value()["tokens"] == SHORT_RUN
     assert not started_ids(redis_conn) and not Queue("default", connection=redis_conn).get_job_ids()
+
+
+def test_a_warm_shutdown_finishes_the_started_job_and_puts_the_jobs_claimed_ahead_back_unrun(
+        redis_url, redis_conn, model, requests, tmp_path, procs):
+    settings = worker_settings(redis_url, model=model, prefetch_jobs=3)
+    long = enqueue(redis_conn, requests["long"]())
+    ahead = [enqueue(redis_conn, requests["short"](n), job_id=f"short-{n}") for n in range(3)]
+    procs.append(worker := start_worker(settings, tmp_path / "worker.log"))
+    wait_for(lambda: fetch(redis_conn, long.id).get_meta().get(record.META_PROGRESS, {}).get("stage") == "generate",
+             timeout=60, what="the long job to be generating")
+    wait_for(lambda: len(started_ids(redis_conn)) == 4, what="the jobs claimed ahead")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    assert fetch(redis_conn, long.id).return_value()["tokens"] == LONG_RUN
+    assert Queue("default", connection=redis_conn).get_job_ids() == [job.id for job in ahead]  # in their order
+    for job in ahead:
+        job = fetch(redis_conn, job.id)
+        assert job.get_status() == "queued" and record.META_ATTEMPT not in job.get_meta()  # as if never taken
+        assert not job.get_executions() and not redis_conn.exists(record.beat_key(job.id))
+    assert not started_ids(redis_conn)
 
 
 def test_a_burst_worker_resolves_a_dead_workers_job_before_it_exits(redis_url, redis_conn, engine, requests):

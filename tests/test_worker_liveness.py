@@ -74,7 +74,8 @@ def workers(redis_conn) -> int:
 def start_idle_workers(redis_conn, settings, tmp_path, procs, count: int, **options) -> list[subprocess.Popen]:
     started = [start_worker(settings, tmp_path / f"worker{i}.log", **options) for i in range(count)]
     procs.extend(started)
-    wait_for(lambda: workers(redis_conn) == count, what=f"{count} workers to register")
+    # A worker registers after loading the model and its warm-up: seconds on a busy machine.
+    wait_for(lambda: workers(redis_conn) == count, timeout=60, what=f"{count} workers to register")
     return started
 
 

@@ -1,26 +1,33 @@
-"""The worker process: one per Mac, the model resident, jobs run on the main thread.
+"""The worker process: one per Mac, the model resident, several jobs at once on the main thread.
 
 ``AudioWorker`` is a ``SimpleWorker``: no fork per job, because MLX/Metal state does not
-survive a fork, and the model would otherwise load per job. It adds what ``SimpleWorker``
-lacks, in one background thread (``Maintenance``) that touches Redis only, never MLX
-(MLX streams belong to the main thread):
+survive a fork, and the model would otherwise load per job. RQ's loop dequeues one job and
+calls ``execute_job``; from there a ``batch.Batch`` takes more jobs itself and runs them
+all through one ``Engine.stream``. The RQ side of that is here: ``claim`` starts a job as
+``SimpleWorker`` does, with its own execution; ``finish`` ends it through RQ's own success,
+retry and failure handlers; ``release`` puts a job claimed ahead back unrun; ``abandon``
+resolves a started one on a cold shutdown (docs/design.md, "Several jobs at once").
 
-- the running job's beat key, refreshed every ``heartbeat_interval`` (see ``reaper``);
+What ``SimpleWorker`` lacks runs in one background thread (``Maintenance``) that touches
+Redis only, never MLX (MLX streams belong to the main thread):
+
+- the beat key of every held job, refreshed every ``heartbeat_interval`` (see ``reaper``);
 - the lost-job sweep, in every worker, idle or busy;
 - RQ's scheduler for retries with backoff (``storage_unavailable``), run in-thread: RQ's
   own ``with_scheduler`` forks a process, which is unsafe in a process holding Metal state.
 
-The beat stops once a job has run longer than ``Settings.hard_timeout``: by then RQ's own
-SIGALRM should have ended it, so the main thread is stuck in a call that never returns
-(a native MLX call cannot be interrupted), and the reaper then treats the job as lost.
+A job's beat stops once it has run longer than ``Settings.hard_timeout``: by then the hard
+time limit (SIGALRM) should have ended it, so the main thread is stuck in a call that never
+returns (a native MLX call cannot be interrupted), and the reaper then treats it as lost.
 
-Warm shutdown is RQ's: the first SIGTERM/SIGINT lets the current job finish, then the
-worker exits 0. A second signal is RQ's cold shutdown, which raises ``SystemExit`` inside
-the job: the job then goes through the reaper's own ``resolve`` at once (requeued at the
-front while ``lost_job_retries`` allows, else failed as ``worker_lost``), exactly as if the
-worker had been SIGKILLed, and the worker exits 0. A burst worker also waits for jobs in
-its queues that come due within the longest retry backoff, so a burst drains its retries
-instead of leaving them scheduled.
+Warm shutdown (first SIGTERM/SIGINT): the jobs in the engine finish, the ones claimed ahead
+go back to their queue, then the worker exits 0. A second signal is RQ's cold shutdown,
+which raises ``SystemExit`` in the main thread: unstarted jobs go back, and every started
+one goes through the reaper's own ``resolve`` at once (requeued at the front while
+``lost_job_retries`` allows, else failed as ``worker_lost``), exactly as if the worker had
+been SIGKILLed, and the worker exits 0. Redis going away fails nothing and stops nothing
+(``outage``). A burst worker waits for jobs in its queues that come due within the longest
+retry backoff, and sweeps for lost jobs before it exits.
 """
 
 from __future__ import annotations
