@@ -1,48 +1,115 @@
-"""Benchmark the Gemma 4 audio engine: load time, per-stage times, decode speed, memory.
+"""Benchmark the Gemma 4 audio engine: load, warm-up, one clip alone, and batched streams.
 
     python scripts/bench_engine.py --model DIR [--seconds 5 30] [--files a.wav ...]
-                                   [--max-new-tokens 64] [--repeat 3] [--json]
+                                   [--batch 8 32] [--max-new-tokens 64] [--repeat 3] [--json]
     python scripts/bench_engine.py --preset e2b      # a tiny random checkpoint, built here
 
-Per clip it prints the front-end, audio-tower, prefill and decode times (the median of
-``--repeat`` runs after one warm-up run), decode tokens/s, and at the end MLX's peak
-memory and the process's peak RSS. Decoding ignores stop tokens so every run produces
-exactly ``--max-new-tokens`` tokens. On Linux, run with the OpenBLAS preload noted in
-docs/benchmarks.md; MLX's bundled reference BLAS is far slower.
+One clip alone (``--seconds``, ``--files``): the front-end, audio-tower, prefill and decode
+times of each clip (the median of ``--repeat`` runs), decode tokens/s.
+
+Batched (``--batch B ...``): for each B, B clips as one ``Engine.stream`` — equal 10 s
+clips, and mixed lengths 2–30 s (fixed seeds) — with audio seconds per wall second, decode
+tokens/s, the per-stage split of the stream and MLX's peak memory during it (median of
+``--repeat`` runs), and the same clips one at a time for the ratio.
+
+Decoding ignores stop tokens (``stop_ids=()``) so every clip produces exactly
+``--max-new-tokens`` tokens. ``Engine.warm_up`` runs first, and its time is reported. On
+Linux, run with the OpenBLAS preload noted in docs/benchmarks.md; MLX's bundled reference
+BLAS is far slower. On MLX CUDA everything runs on the GPU as it is.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import machine, medians, memory, print_table, synthetic_clip  # noqa: E402
 from worker.audio import decode_audio  # noqa: E402
-from worker.gemma4.engine import Engine, check_clip  # noqa: E402
+from worker.gemma4.engine import ClipRequest, Engine  # noqa: E402
+
+INSTRUCTION = "Transcribe this audio."
+
+
+def stream(engine: Engine, clips: list[np.ndarray], max_new_tokens: int, **limits: int) -> dict:
+    """All clips as one stream; totals of the stream plus each clip's outputs."""
+    pending = [ClipRequest(c, INSTRUCTION, max_new_tokens) for c in clips]
+    outputs = []
+
+    def on_done(clip, outcome):
+        if isinstance(outcome, BaseException):
+            raise outcome
+        outputs.append(outcome)
+
+    mx.reset_peak_memory()
+    started = time.perf_counter()
+    stats = engine.stream(lambda free: [pending.pop(0) for _ in range(min(free, len(pending)))],
+                          on_done, stop_ids=(), **limits)
+    wall = time.perf_counter() - started
+    return {**stats, "wall": wall, "outputs": outputs, "peak_mlx_memory_mb": mx.get_peak_memory() / 2**20}
 
 
 def bench_clip(engine: Engine, samples: np.ndarray, max_new_tokens: int) -> dict[str, float]:
-    count = check_clip(samples)
-    rows, timings = engine.encode([samples])
-    ids = engine.prompts.audio_prompt("Transcribe this audio.", count)
-    started = time.perf_counter()
-    tokens = engine.decoder.greedy(ids, rows[0], max_new_tokens, stop_ids=())
-    next(tokens)
-    first = time.perf_counter()
-    produced = 1 + sum(1 for _ in tokens)
-    done = time.perf_counter()
-    timings.update(prefill=first - started, decode=done - first, tokens=produced,
-                   audio_tokens=count, prompt_tokens=len(ids))
-    timings["decode_tok_s"] = (produced - 1) / timings["decode"] if produced > 1 else 0.0
-    return timings
+    """One clip alone, per stage."""
+    run = stream(engine, [samples], max_new_tokens)
+    (out,) = run["outputs"]
+    t = out.timings
+    produced = len(out.tokens)
+    return {"front_end": t["front_end"], "audio_tower": t["audio_tower"], "prefill": t["prefill"],
+            "decode": t["generate"], "tokens": produced, "audio_tokens": out.audio_tokens,
+            "decode_tok_s": (produced - 1) / t["generate"] if produced > 1 else 0.0}
+
+
+def bench_batch(engine: Engine, clips: list[np.ndarray], max_new_tokens: int, repeat: int) -> dict:
+    audio = sum(c.size for c in clips) / 16000
+    runs = []
+    for _ in range(repeat):
+        run = stream(engine, clips, max_new_tokens)
+        runs.append({"wall": run["wall"], "audio_s_per_s": audio / run["wall"],
+                     "decode_tok_s": run["tokens"] / run["decode"],
+                     "front_end": run["front_end"], "audio_tower": run["audio_tower"],
+                     "prefill": run["prefill"], "decode": run["decode"], "peak_rows": run["peak_rows"],
+                     "peak_mlx_memory_mb": run["peak_mlx_memory_mb"]})
+    alone = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        for c in clips:
+            stream(engine, [c], max_new_tokens, max_rows=1)
+        alone.append(time.perf_counter() - started)
+    result = {"clips": len(clips), "audio_seconds": audio, **medians(runs)}
+    result["one_at_a_time_audio_s_per_s"] = audio / statistics.median(alone)
+    result["speedup"] = result["audio_s_per_s"] / result["one_at_a_time_audio_s_per_s"]
+    return result
+
+
+def batch_clips(kind: str, count: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(count)
+    seconds = [10.0] * count if kind == "equal" else rng.uniform(2.0, 30.0, count).round(2).tolist()
+    return [synthetic_clip(s, i) for i, s in enumerate(seconds)]
+
+
+BATCH_COLUMNS = [  # title, width, cell template over one result
+    ("clips", 12, "{name}"), ("audio s", 8, "{audio_seconds:.1f}"), ("audio s/s", 9, "{audio_s_per_s:.1f}"),
+    ("alone s/s", 9, "{one_at_a_time_audio_s_per_s:.1f}"), ("x", 5, "{speedup:.1f}"),
+    ("tok/s", 8, "{decode_tok_s:.0f}"), ("front s", 7, "{front_end:.2f}"), ("tower s", 7, "{audio_tower:.2f}"),
+    ("prefill s", 9, "{prefill:.2f}"), ("decode s", 8, "{decode:.2f}"), ("rows", 4, "{peak_rows:.0f}"),
+    ("peak MB", 8, "{peak_mlx_memory_mb:.0f}"),
+]
+
+
+def print_batches(results: list[dict]) -> None:
+    print(" ".join(f"{title:>{width}}" for title, width, _ in BATCH_COLUMNS))
+    for r in results:
+        print(" ".join(f"{cell.format(**r):>{width}}" for _, width, cell in BATCH_COLUMNS))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, help="with --preset --layout mlx: 4 or 8")
     parser.add_argument("--seconds", type=float, nargs="*", default=[5.0, 30.0])
     parser.add_argument("--files", nargs="*", default=[])
+    parser.add_argument("--batch", type=int, nargs="*", default=[], help="stream sizes B to run")
+    parser.add_argument("--mix", choices=["equal", "mixed", "both"], default="both")
+    parser.add_argument("--max-rows", type=int, default=None, help="the engine's max_rows (default: its own)")
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="the engine's KV budget (default: its own)")
+    parser.add_argument("--encode-rows", type=int, default=None, help="clips per tower batch (default: the engine's)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", action="store_true")
@@ -66,29 +138,48 @@ def main(argv: list[str] | None = None) -> int:
         model = str(build_checkpoint(Path(tempfile.mkdtemp()) / args.preset, args.preset,
                                      layout=args.layout, bits=args.bits))
     started = time.perf_counter()
-    engine = Engine.load(model)
+    options = {name: value for name, value in (("max_rows", args.max_rows), ("encode_rows", args.encode_rows),
+                                               ("max_batch_tokens", args.max_batch_tokens)) if value}
+    engine = Engine.load(model, **options)
     load_seconds = time.perf_counter() - started
+    warm_up_seconds = engine.warm_up()
 
     clips = [(f"{s:g}s synthetic", synthetic_clip(s, i)) for i, s in enumerate(args.seconds)]
     clips += [(f, decode_audio(f, max_seconds=engine.max_clip_seconds)) for f in args.files]
     results = []
     for name, samples in clips:
-        bench_clip(engine, samples, args.max_new_tokens)  # warm-up: compile, allocate
+        bench_clip(engine, samples, args.max_new_tokens)  # first use of these shapes
         runs = [bench_clip(engine, samples, args.max_new_tokens) for _ in range(args.repeat)]
         results.append({"clip": name, "audio_seconds": samples.size / 16000, **medians(runs)})
+
+    batches = []
+    kinds = ["equal", "mixed"] if args.mix == "both" else [args.mix]
+    for count in args.batch:
+        for kind in kinds:
+            batch = batch_clips(kind, count)
+            stream(engine, batch, args.max_new_tokens)  # first use of these shapes
+            batches.append({"name": f"{count} {kind}", **bench_batch(engine, batch, args.max_new_tokens,
+                                                                     args.repeat)})
 
     report = {
         "model": args.model or f"tiny {args.preset} ({args.layout}{f', {args.bits}-bit' if args.bits else ''})",
         "machine": machine(),
         "load_seconds": load_seconds,
+        "warm_up_seconds": warm_up_seconds,
+        "engine_limits": engine.limits,
         "clips": results,
+        "batches": batches,
         **memory(),
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"model: {report['model']}\nmachine: {report['machine']}\nload: {load_seconds:.2f} s")
-    print_table(results)
+    print(f"model: {report['model']}\nmachine: {report['machine']}\nload: {load_seconds:.2f} s; "
+          f"warm-up: {warm_up_seconds:.2f} s; limits: {engine.limits}")
+    if results:
+        print_table(results)
+    if batches:
+        print_batches(batches)
     print(f"peak MLX memory: {report['peak_mlx_memory_mb']:.1f} MB; peak RSS: {report['peak_rss_mb']:.0f} MB")
     return 0
 

@@ -29,6 +29,7 @@ Usage::
     python scripts/make_tiny_checkpoint.py /tmp/tiny-e2b                      # hf layout
     python scripts/make_tiny_checkpoint.py /tmp/tiny-q4 --layout mlx --bits 4
     python scripts/make_tiny_checkpoint.py /tmp/tiny-e4b --preset e4b --dtype bfloat16
+    python scripts/make_tiny_checkpoint.py /tmp/e2b-size --preset e2b-size --dtype bfloat16  # ~10 GB
 
     # from Python (tests):
     sys.path.insert(0, "scripts")
@@ -236,6 +237,31 @@ PRESETS: dict[str, dict[str, dict]] = {
 PRESETS["e2b-audio"] = copy.deepcopy(PRESETS["e2b"])
 PRESETS["e2b-audio"]["audio"].update(hidden_size=1024, num_hidden_layers=12, num_attention_heads=8,
                                      subsampling_conv_channels=[128, 32], output_proj_dims=1536)
+
+
+# For GPU benchmarks: the real E2B dimensions (spec §1.1), random weights. Far too large
+# for transformers' init (5 B parameters): ``build_full_size`` writes it tensor by tensor.
+PRESETS["e2b-size"] = {
+    "text": {
+        **_TEXT_COMMON,
+        "vocab_size": 262_144,
+        "vocab_size_per_layer_input": 262_144,
+        "sliding_window": 512,
+        "hidden_size": 1536,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 35,
+        "layer_types": _layer_types(35, 5),
+        "num_attention_heads": 8,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "global_head_dim": 512,
+        "hidden_size_per_layer_input": 256,
+        "num_kv_shared_layers": 20,
+        "use_double_wide_mlp": True,
+    },
+    "audio": copy.deepcopy(PRESETS["e2b-audio"]["audio"]),
+}
+FULL_SIZE_PRESETS = {"e2b-size"}
 
 
 # --------------------------------------------------------------------------------------
@@ -696,6 +722,82 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _random_tensor(key: str, shape: tuple, rng_key, dtype):
+    """A random value for one tensor, on the scale its role needs (names as in transformers)."""
+    import mlx.core as mx
+
+    name = key.rsplit(".", 1)[-1]
+    if name in ("input_min", "output_min"):
+        return mx.full(shape, -4.0, dtype)
+    if name in ("input_max", "output_max"):
+        return mx.full(shape, 4.0, dtype)
+    if name == "layer_scalar":
+        return mx.random.uniform(0.5, 1.0, shape, dtype, key=rng_key)
+    noise = mx.random.normal(shape, dtype, key=rng_key)
+    if "norm" in key and name == "weight":
+        return 1.0 + 0.1 * noise
+    if name in ("bias", "per_dim_scale"):
+        return 0.05 * noise
+    if key.endswith("embed_tokens.weight"):
+        return noise * (LOGIT_STD / shape[1] ** 0.5)
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[0]
+    return noise * (1.0 / fan_in ** 0.5)
+
+
+def build_full_size(out_dir, preset: str = "e2b-size", *, seed: int = 0, dtype: str = "bfloat16",
+                    shard_size: int = 4 << 30) -> Path:
+    """A random checkpoint of a full-size preset, google layout, without building the model.
+
+    transformers builds the module graph on the meta device (names and shapes, no memory);
+    each tensor is then drawn by MLX straight in ``dtype`` and written shard by shard, so
+    the build needs about one shard of memory beyond MLX's own. The tokenizer is the tiny
+    one with ``<unusedN>`` tokens padding it to the preset's vocabulary (its special ids stay
+    where the tiny checkpoints have them; config.json names them).
+    """
+    import mlx.core as mx
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        model = Gemma4ForConditionalGeneration(build_config(preset))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    mx_dtype = mx.bfloat16 if dtype == "bfloat16" else mx.float32
+    item = 2 if dtype == "bfloat16" else 4
+    keys = mx.random.split(mx.random.key(seed), len(shapes))
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        n = int(np.prod(shape)) * item
+        if groups[-1] and size + n > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    weight_map = {}
+    order = list(shapes)
+    for k, group in enumerate(groups, 1):
+        file = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {n: _random_tensor(n, shapes[n], keys[order.index(n)], mx_dtype) for n in group}
+        mx.save_safetensors(str(out / file), tensors, metadata={"format": "pt"})
+        weight_map.update({n: file for n in group})
+        del tensors
+    total = sum(int(np.prod(s)) * item for s in shapes.values())
+    _write_json(out / "model.safetensors.index.json",
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    _write_side_files(out, config_json(model, preset, dtype), PRESETS[preset]["text"]["vocab_size"])
+    return out
+
+
+def _write_side_files(out: Path, config: dict, vocab_size: int = VOCAB_SIZE) -> None:
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", {**GENERATION_CONFIG, "transformers_version": "5.23.0"})
+    _write_json(out / "processor_config.json", PROCESSOR_CONFIG)
+    _write_json(out / "tokenizer_config.json", TOKENIZER_CONFIG)
+    build_tokenizer(vocab_size).save(str(out / "tokenizer.json"))
+
+
 def build_checkpoint(
     out_dir,
     preset: str = "e2b",
@@ -722,6 +824,8 @@ def build_checkpoint(
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', not {dtype!r}")
     if bits is not None and layout != "mlx":
         raise ValueError("quantization (bits) is only available with layout='mlx'")
+    if preset in FULL_SIZE_PRESETS:
+        raise ValueError(f"{preset} is too large for transformers' init: use build_full_size")
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -750,11 +854,7 @@ def build_checkpoint(
         _write_weights(out, tensors, shard_size,
                        lambda group, path: mx.save_safetensors(str(path), group, metadata={"format": "mlx"}))
 
-    _write_json(out / "config.json", config)
-    _write_json(out / "generation_config.json", {**GENERATION_CONFIG, "transformers_version": "5.23.0"})
-    _write_json(out / "processor_config.json", PROCESSOR_CONFIG)
-    _write_json(out / "tokenizer_config.json", TOKENIZER_CONFIG)
-    build_tokenizer().save(str(out / "tokenizer.json"))
+    _write_side_files(out, config)
     return out
 
 
@@ -767,10 +867,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, choices=[4, 8], default=None)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--mode", default="affine")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="default float32; bfloat16 for the full-size presets")
     parser.add_argument("--no-audio", action="store_true", help="text-only config, no audio weights")
     parser.add_argument("--shard-size", type=int, default=None, metavar="BYTES")
     args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.preset in FULL_SIZE_PRESETS else "float32")
+    if args.preset in FULL_SIZE_PRESETS:
+        if args.layout != "hf" or args.bits or args.no_audio:
+            parser.error(f"{args.preset} is written in the hf layout only, with audio, unquantized")
+        path = build_full_size(args.out_dir, args.preset, seed=args.seed, dtype=args.dtype,
+                               **({"shard_size": args.shard_size} if args.shard_size else {}))
+        print(f"wrote {args.preset} checkpoint to {path}")
+        return 0
     path = build_checkpoint(
         args.out_dir, args.preset, seed=args.seed, layout=args.layout, bits=args.bits,
         group_size=args.group_size, mode=args.mode, dtype=args.dtype,

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import make_tone
 from producer.failures import AudioqError, FailureCode
-from worker.gemma4.engine import ClipRequest, Engine
+from worker.gemma4.engine import ClipRequest, Engine, Prompt
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_placeholder_and_encoder_row_counts_must_agree(engine, extra):
     rows, _ = engine.encode([make_tone(2.0)[:, 0]])
     ids = engine.prompts.audio_prompt("Transcribe.", rows[0].shape[0] + extra)
     with pytest.raises(AudioqError) as err:
-        engine.decoder.prefill(mx.array([ids]), rows[0])
+        engine.first_logits([Prompt(ids, rows[0])])
     assert err.value.code == FailureCode.MODEL_ERROR and "placeholders" in err.value.message
 
 

@@ -20,7 +20,7 @@ from transformers import Gemma4ForConditionalGeneration
 from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 
 from conftest import make_tone
-from worker.gemma4.engine import Engine
+from worker.gemma4.engine import ClipRequest, Engine
 from worker.gemma4.features import audio_token_count, log_mel
 
 PRESETS = ["e2b", "e4b", "wide"]
@@ -157,11 +157,10 @@ def test_engine_matches_transformers(pair, seconds, report):
     assert audio_token_count(wave.size) == n_tok == int(valid.sum())
 
     # Prefill logits against float64, with float32's own distance as the noise floor
-    ids = engine.prompts.audio_prompt(INSTRUCTION, n_tok)
-    rows, _ = engine.encode([wave])
-    assert rows[0].shape[0] == n_tok
-    logits, _ = engine.decoder.prefill(mx.array([ids]), rows[0])
-    ours_logits = np.array(logits[0]).astype(np.float64)
+    prompt = engine.prompt(ClipRequest(wave, INSTRUCTION, NEW_TOKENS))
+    ids = prompt.ids
+    assert prompt.audio.shape[0] == n_tok
+    ours_logits = engine.first_logits([prompt])[0].astype(np.float64)
     l32 = ref.prefill(ref.f32, ids, feats, mask).logits[0, -1].double().numpy()
     l64 = ref.prefill(ref.f64, ids, feats, mask).logits[0, -1].numpy()
     noise = float(np.abs(l32 - l64).max())
@@ -173,7 +172,7 @@ def test_engine_matches_transformers(pair, seconds, report):
 
     # Greedy tokens
     ref_tokens, gaps = ref.greedy(ids, feats, mask, NEW_TOKENS)
-    our_tokens = list(engine.decoder.greedy(ids, rows[0], NEW_TOKENS, stop_ids=()))
+    (our_tokens,) = engine.generate([prompt], NEW_TOKENS, stop_ids=())
     assert len(our_tokens) == NEW_TOKENS
     diverged = next((i for i, (a, b) in enumerate(zip(our_tokens, ref_tokens)) if a != b), None)
     OUTCOMES.append(diverged)
@@ -195,11 +194,11 @@ def test_generated_placeholder_id_reads_pad_like_the_reference(tiny_checkpoint):
     engine, ref = Engine.load(str(path)), Reference(path)
     wave = make_tone(2.0, freq=300)[:, 0]
     feats, mask = ref.features(wave)
-    rows, _ = engine.encode([wave])
-    ids = engine.prompts.audio_prompt(INSTRUCTION, rows[0].shape[0])
+    prompt = engine.prompt(ClipRequest(wave, INSTRUCTION, 1))
+    ids = prompt.ids
     audio_id = engine.model.config.tokens.audio
-    _, cache = engine.decoder.prefill(mx.array([ids]), rows[0])
-    ours = np.array(engine.decoder.step(mx.array([audio_id]), cache)[0])
+    _, batch = engine.decoder.prefill([ids], [prompt.audio])
+    ours = np.array(engine.decoder.step(mx.array([audio_id]), batch)[0])
     with torch.no_grad():
         out = ref.prefill(ref.f32, ids, feats, mask)
         theirs = ref.f32(input_ids=torch.tensor([[audio_id]]), past_key_values=out.past_key_values,

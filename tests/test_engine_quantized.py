@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
@@ -16,10 +15,7 @@ PROMPT = "Transcribe this audio."
 
 
 def _first_logits(engine, wave):
-    rows, _ = engine.encode([wave])
-    ids = engine.prompts.audio_prompt(PROMPT, rows[0].shape[0])
-    logits, _ = engine.decoder.prefill(mx.array([ids]), rows[0])
-    return np.array(logits[0].astype(mx.float32))
+    return engine.first_logits([engine.prompt(ClipRequest(wave, PROMPT, 1))])[0]
 
 
 def _quantize_in_memory(engine, mode, bits, group_size):

@@ -1,7 +1,7 @@
 """Decoder glue: merged embeddings in, greedy tokens out, on mlx-lm's Gemma 4 layers.
 
 mlx-lm's ``gemma4_text`` supplies the decoder layers (attention with KV sharing,
-proportional RoPE, PLE gating, ``layer_scalar``), their caches and masks. Two things its
+proportional RoPE, PLE gating, ``layer_scalar``). Two things its
 ``Gemma4TextModel.__call__`` cannot do, so this module walks the layers itself:
 
 - the multimodal input step of the reference (``Gemma4Model.forward``): media placeholders
@@ -10,19 +10,18 @@ proportional RoPE, PLE gating, ``layer_scalar``), their caches and masks. Two th
 - the prefill shortcut the reference also takes: KV-shared layers own no cache, so for a
   prompt only the last position needs to go through them (E2B: 20 of 35 layers).
 
-Arrays are batch-first ``[B, L]`` throughout so that several clips can share a step later.
+Every call works on a batch of rows: prompts of different lengths are left-padded, and the
+caches and masks of ``KVBatch`` keep each row exact under that padding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
 import mlx.core as mx
 from mlx_lm.models import gemma4_text
-from mlx_lm.models.base import create_attention_mask
 
 from producer.failures import AudioqError, FailureCode
 from worker.gemma4.config import TokenIds
+from worker.gemma4.kv_batch import KVBatch
 
 
 class Decoder:
@@ -38,31 +37,42 @@ class Decoder:
         self.window = args.sliding_window
         self.softcap = args.final_logit_softcapping
         self.tokens = tokens
+        # ids as the embedding tables read them: every media placeholder reads pad (one gather a step)
+        lookup = mx.arange(args.vocab_size)
+        media = [i for i in tokens.multimodal if 0 <= i < args.vocab_size]
+        if media:
+            lookup[mx.array(media)] = tokens.pad
+        self.lookup = lookup
 
-    def embed(self, ids: mx.array, audio_rows: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
+    def embed(self, ids: mx.array, audio: list[mx.array | None] | None = None,
+              in_prompt: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
         """Input embeddings [B, L, H] and per-layer token inputs [B, L, layers, P] for ``ids``.
 
-        ``audio_rows`` [n, H] replace the audio placeholders in order (batch row-major);
-        their count must equal the number of placeholders. Without rows (decode steps)
-        a placeholder id reads the pad embedding, as in the reference, where media
-        features are merged on the prefill step only.
+        ``audio[b]`` [n_b, H] replace row b's audio placeholders in order; each row's count
+        must equal its number of placeholders (inside ``in_prompt`` [B, L], when given).
+        Without ``audio`` (decode steps) a
+        placeholder id reads the pad embedding, as in the reference, where media features
+        are merged on the prefill step only.
         """
         t = self.tokens
-        media = mx.zeros(ids.shape, dtype=mx.bool_)
-        for media_id in t.multimodal:
-            media = media | (ids == media_id)
-        lookup_ids = mx.where(media, t.pad, ids)
+        lookup_ids = self.lookup[ids]
         x = self.stack.embed_tokens(lookup_ids) * self.embed_scale
 
-        if audio_rows is not None:
-            audio = ids == t.audio
-            slots = int(audio.sum().item())
-            if slots != audio_rows.shape[0]:
-                raise AudioqError(FailureCode.MODEL_ERROR, f"prompt has {slots} audio placeholders "
-                                  f"but the encoder gave {audio_rows.shape[0]} rows")
-            source = mx.maximum(mx.cumsum(audio.reshape(-1).astype(mx.int32)) - 1, 0)
-            gathered = audio_rows.astype(x.dtype)[source].reshape(x.shape)
-            x = mx.where(audio[..., None], gathered, x)
+        if audio is not None:
+            slot = ids == t.audio
+            if in_prompt is not None:
+                slot = slot & in_prompt
+            slots = slot.sum(axis=1).tolist()
+            for row, (count, rows) in enumerate(zip(slots, audio)):
+                given = 0 if rows is None else rows.shape[0]
+                if count != given:
+                    raise AudioqError(FailureCode.MODEL_ERROR, f"prompt row {row} has {count} audio "
+                                      f"placeholders but the encoder gave {given} rows")
+            present = [r.astype(x.dtype) for r in audio if r is not None]
+            if present:
+                merged = mx.concatenate(present) if len(present) > 1 else present[0]
+                source = mx.maximum(mx.cumsum(slot.reshape(-1).astype(mx.int32)) - 1, 0)
+                x = mx.where(slot[..., None], merged[source].reshape(x.shape), x)
 
         ple = None
         if self.ple_dim:
@@ -77,42 +87,32 @@ class Decoder:
         context = stack.per_layer_projection_norm(context.reshape(ple.shape))
         return (context + ple) * stack.per_layer_input_scale
 
-    def forward(self, x: mx.array, ple: mx.array | None, cache: list, last_only: bool = False) -> mx.array:
-        """Final-normed hidden states [B, L, H] (``last_only``: [B, 1, H]); extends ``cache``.
+    def forward(self, x: mx.array, ple: mx.array | None, batch: KVBatch, last_only: bool = False) -> mx.array:
+        """Final-normed hidden states [B, L, H] (``last_only``: [B, 1, H]); extends ``batch``.
 
         With ``last_only`` the KV-shared layers run on the last position alone: they only
         read K/V that the earlier layers already computed for every position.
         """
         layers = self.stack.layers
         ple = self.per_layer_inputs(x, ple) if self.ple_dim else None
-        first_of_type = {}
-        for i, layer in enumerate(layers[: len(cache)]):
-            first_of_type.setdefault(layer.layer_type, i)
-        masks = {kind: create_attention_mask(x, cache[i], self.window if kind == "sliding_attention" else None)
-                 for kind, i in first_of_type.items()}
+        new = x.shape[1]
+        masks = batch.masks(new)
+        shortcut = last_only and new > 1
         shared: list[tuple] = [(None, None)] * len(layers)
         h = x
         for i, layer in enumerate(layers):
-            if i == self.first_shared and last_only and h.shape[1] > 1:
-                h, ple, masks = self._keep_last(h, ple, shared, masks)
+            if i == self.first_shared and shortcut:
+                h, ple = h[:, -1:], None if ple is None else ple[:, -1:]
+                masks = {kind: _last_query(mask) for kind, mask in masks.items()}
             kv, offset = shared[self.stack.previous_kvs[i]]
-            if i >= self.first_shared and last_only and x.shape[1] > 1:
-                offset = offset + x.shape[1] - 1  # the RoPE position of the kept query
-            h, kv, offset = layer(h, masks[layer.layer_type], cache[i] if i < len(cache) else None,
+            if i >= self.first_shared and shortcut:
+                offset = offset + new - 1  # the RoPE position of the kept query
+            h, kv, offset = layer(h, masks[layer.layer_type], batch.caches[i] if i < self.first_shared else None,
                                   per_layer_input=None if ple is None else ple[:, :, i, :],
                                   shared_kv=kv, offset=offset)
             shared[i] = (kv, offset)
+        batch.advance(new)
         return self.stack.norm(h)
-
-    def _keep_last(self, h, ple, shared, masks):
-        """Cut to the last query; its masks over the producers' full key sets."""
-        kept = {}
-        for kind in masks:
-            keys, _ = next(pair for (pair, _), layer in zip(shared, self.stack.layers)
-                           if pair is not None and layer.layer_type == kind)
-            count = keys.shape[2]
-            kept[kind] = mx.arange(count) >= count - self.window if kind == "sliding_attention" else None
-        return h[:, -1:], None if ple is None else ple[:, -1:], kept
 
     def logits(self, hidden: mx.array) -> mx.array:
         """Soft-capped logits of the tied head, as the reference computes them."""
@@ -121,38 +121,32 @@ class Decoder:
             out = mx.tanh(out / self.softcap) * self.softcap
         return out
 
-    def prefill(self, ids: mx.array, audio_rows: mx.array | None) -> tuple[mx.array, list]:
-        """Run the prompt; returns last-position logits [B, V] and the filled KV cache."""
-        cache = self.lm.make_cache()
-        x, ple = self.embed(ids, audio_rows)
-        hidden = self.forward(x, ple, cache, last_only=True)
-        return self.logits(hidden[:, -1, :]), cache
+    def prefill(self, prompts: list[list[int]], audio: list[mx.array | None],
+                generated: list[list[int]] | None = None) -> tuple[mx.array, KVBatch]:
+        """Run left-padded prompts; returns last-position logits [B, V] and their filled caches.
 
-    def step(self, token: mx.array, cache: list) -> mx.array:
-        """One decode step for tokens [B] → logits [B, V]."""
-        x, ple = self.embed(token[:, None])
-        return self.logits(self.forward(x, ple, cache)[:, -1, :])
-
-    def greedy(self, ids: list[int], audio_rows: mx.array | None, max_new_tokens: int,
-               stop_ids: tuple[int, ...], on_step: Callable[[], None] | None = None) -> Iterator[int]:
-        """Yield greedy tokens until a stop id (not yielded) or ``max_new_tokens``.
-
-        The next step is queued (``async_eval``) before the current token is read, so the
-        host's bookkeeping overlaps the device's work.
+        ``generated[b]`` are tokens row b already produced (a row resumed after a step ran
+        out of memory): they follow its prompt, and a placeholder id among them reads pad
+        as on a decode step.
         """
-        logits, cache = self.prefill(mx.array([ids]), audio_rows)
-        token = mx.argmax(logits, axis=-1)
-        mx.async_eval(token)
-        for produced in range(max_new_tokens):
-            if on_step is not None:
-                on_step()
-            following = None
-            if produced + 1 < max_new_tokens:
-                following = mx.argmax(self.step(token, cache), axis=-1)
-                mx.async_eval(following)
-            value = int(token.item())
-            if value in stop_ids:
-                return
-            yield value
-            token = following
+        generated = generated or [[] for _ in prompts]
+        rows = [p + g for p, g in zip(prompts, generated)]
+        width = max(len(r) for r in rows)
+        pads = [width - len(r) for r in rows]
+        ids = mx.array([[self.tokens.pad] * pad + r for pad, r in zip(pads, rows)])
+        in_prompt = mx.array([[False] * pad + [True] * len(p) + [False] * len(g)
+                              for pad, p, g in zip(pads, prompts, generated)])
+        batch = KVBatch(self.first_shared, pads, self.window)
+        x, ple = self.embed(ids, audio, in_prompt)
+        hidden = self.forward(x, ple, batch, last_only=True)
+        return self.logits(hidden[:, -1, :]), batch
 
+    def step(self, tokens: mx.array, batch: KVBatch) -> mx.array:
+        """One decode step for tokens [B] → logits [B, V]."""
+        x, ple = self.embed(tokens[:, None])
+        return self.logits(self.forward(x, ple, batch)[:, -1, :])
+
+
+def _last_query(mask: mx.array | str | None) -> mx.array | None:
+    """The mask row of the last query (a causal last query sees every key: no mask)."""
+    return mask[..., -1:, :] if isinstance(mask, mx.array) else None

@@ -11,8 +11,12 @@ the chunks of a long recording):
 A clip may carry its own ``on_stage`` hook, called at every stage boundary of that clip
 (and at every decode step while it generates): a hook that raises (a job's deadline or
 cancel) drops that clip alone, and its exception is its outcome. A clip without samples
-is a text-only turn (a question over a transcript). Today clips run one at a time;
-batching replaces the inside of ``stream`` without changing this interface.
+is a text-only turn (a question over a transcript).
+
+Inside, clips are batched: new clips are encoded in padded batches (front-end, tower,
+projector), prefilled together and join the running decode batch (``scheduler.py``).
+``generate`` is the same machinery for prompts that are already token ids and soft tokens:
+the seam tests and benchmarks use.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from worker.gemma4.features import MAX_SAMPLES, SAMPLE_RATE, audio_token_count, 
 from worker.gemma4.loader import LoadedModel, load_model
 from worker.gemma4.projector import valid_rows
 from worker.gemma4.prompt import PromptBuilder
+from worker.gemma4.scheduler import Row, Scheduler, pack
 
 StageHook = Callable[[str], None]
+WARM_UP_SECONDS = (1.0, 2.5, 30.0, 7.0, 0.5)  # alone, then joining a running batch two at a time
 
 
 @dataclass(eq=False)
@@ -50,6 +56,14 @@ class ClipOutput:
     tokens: list[int]  # generated ids, stop token excluded
     audio_tokens: int  # soft tokens inserted into the prompt
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+@dataclass
+class Prompt:
+    """A prompt as the decoder takes it: token ids and the soft tokens of its placeholders."""
+
+    ids: list[int]
+    audio: mx.array | None = None  # [n, H]
 
 
 Feed = Callable[[int], Iterable[ClipRequest]]
@@ -78,22 +92,39 @@ def check_clip(samples: np.ndarray) -> int:
 
 
 class Engine:
+    """The resident model. Options bound the batch (docs/design.md, "Batching"):
+
+    - ``max_rows``: rows decoded together;
+    - ``max_batch_tokens``: rows x the longest row's prompt + budget (the KV cache's size);
+    - ``prefill_tokens``: padded prompt tokens prefilled in one call;
+    - ``encode_rows``: clips through the front-end and tower in one padded batch.
+    """
+
     sample_rate = SAMPLE_RATE
     max_clip_seconds = MAX_SAMPLES / SAMPLE_RATE
 
-    def __init__(self, model: LoadedModel):
+    def __init__(self, model: LoadedModel, *, max_rows: int = 32, max_batch_tokens: int = 32_768,
+                 prefill_tokens: int = 8_192, encode_rows: int = 8):
         if model.audio_tower is None:
             raise AudioqError(FailureCode.MODEL_ERROR,
                               f"model {model.name} has no audio tower (its config.json has no "
                               "audio_config): use a Gemma 4 E2B or E4B checkpoint")
+        for name, value in (("max_rows", max_rows), ("max_batch_tokens", max_batch_tokens),
+                            ("prefill_tokens", prefill_tokens), ("encode_rows", encode_rows)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
         self.model = model
         self.model_id = model.name
         self.decoder = Decoder(model.text, model.config.tokens)
         self.prompts = PromptBuilder(model.tokenizer, model.config.tokens)
+        self.limits = dict(max_rows=max_rows, max_batch_tokens=max_batch_tokens, prefill_tokens=prefill_tokens)
+        self.encode_rows = encode_rows
 
     @classmethod
-    def load(cls, model: str) -> "Engine":
-        return cls(load_model(model))
+    def load(cls, model: str, **options: int) -> "Engine":
+        return cls(load_model(model), **options)
+
+    # -- encoding -----------------------------------------------------------------------
 
     def encode(self, clips: list[np.ndarray], on_stage: StageHook | None = None
                ) -> tuple[list[mx.array], dict[str, float]]:
@@ -104,17 +135,91 @@ class Engine:
         front_end = time.perf_counter()
         if on_stage is not None:
             on_stage("audio_tower")
+        per_clip = self._tower(features, mask)
+        return per_clip, {"front_end": front_end - started, "audio_tower": time.perf_counter() - front_end}
+
+    def _tower(self, features: mx.array, mask: mx.array) -> list[mx.array]:
         out, out_mask = self.model.audio_tower(features.astype(self._audio_dtype()), mask)
         embedded = self.model.embed_audio(out)
         counts = out_mask.sum(axis=1).tolist()
         rows = valid_rows(embedded, out_mask)
         per_clip = mx.split(rows, np.cumsum(counts)[:-1].tolist()) if len(counts) > 1 else [rows]
         mx.eval(per_clip)
-        tower = time.perf_counter()
-        return per_clip, {"front_end": front_end - started, "audio_tower": tower - front_end}
+        return per_clip
 
     def _audio_dtype(self) -> mx.Dtype:
         return self.model.audio_tower.output_proj.weight.dtype
+
+    def prompt(self, clip: ClipRequest) -> Prompt:
+        """The decoder's prompt for one clip (encoded alone)."""
+        if clip.samples is None:
+            return Prompt(self.prompts.text_prompt(clip.instruction))
+        count = check_clip(clip.samples)
+        (rows,), _ = self.encode([clip.samples])
+        return Prompt(self.prompts.audio_prompt(clip.instruction, count), rows)
+
+    def _rows(self, clips: list[ClipRequest], stop: frozenset[int], on_done: DoneHook,
+              stats: dict[str, float]) -> list[Row]:
+        """Clips → decoder rows, audio encoded in padded batches; a clip that fails goes to ``on_done``."""
+        rows, audio = [], []
+        for clip in clips:
+            try:
+                if clip.samples is None:
+                    rows.append(Row(self.prompts.text_prompt(clip.instruction), None, clip.max_new_tokens,
+                                    stop, clip.on_stage, clip))
+                    continue
+                count = check_clip(clip.samples)
+                if clip.on_stage is not None:
+                    clip.on_stage("front_end")
+                audio.append((clip, count))
+            except Exception as exc:
+                on_done(clip, exc)
+        sizes = [clip.samples.size for clip, _ in audio]
+        for group in pack(sizes, max_padded=self.encode_rows * MAX_SAMPLES, max_count=self.encode_rows):
+            rows += self._encoded([audio[i] for i in group], stop, on_done, stats)
+        return rows
+
+    def _encoded(self, group: list[tuple[ClipRequest, int]], stop: frozenset[int], on_done: DoneHook,
+                 stats: dict[str, float]) -> list[Row]:
+        started = time.perf_counter()
+        features, mask = log_mel([c.samples.astype(np.float32, copy=False) for c, _ in group])
+        mx.eval(features, mask)
+        front_end = time.perf_counter() - started
+        live = []
+        for i, (clip, count) in enumerate(group):
+            try:
+                if clip.on_stage is not None:
+                    clip.on_stage("audio_tower")
+                live.append(i)
+            except Exception as exc:
+                on_done(clip, exc)
+        if not live:
+            return []
+        if len(live) < len(group):
+            index = mx.array(live)
+            features, mask = features[index], mask[index]
+        started = time.perf_counter()
+        try:
+            encoded = self._tower(features, mask)
+        except Exception as exc:
+            for i in live:
+                on_done(group[i][0], exc)
+            return []
+        tower = time.perf_counter() - started
+        stats["front_end"] += front_end
+        stats["audio_tower"] += tower
+        rows = []
+        for i, audio in zip(live, encoded):
+            clip, count = group[i]
+            if audio.shape[0] != count:
+                on_done(clip, AudioqError(FailureCode.MODEL_ERROR,
+                                          f"encoder gave {audio.shape[0]} audio rows, expected {count}"))
+                continue
+            rows.append(Row(self.prompts.audio_prompt(clip.instruction, count), audio, clip.max_new_tokens,
+                            stop, clip.on_stage, clip, timings={"front_end": front_end, "audio_tower": tower}))
+        return rows
+
+    # -- decoding -----------------------------------------------------------------------
 
     def run(self, clips: list[ClipRequest], on_stage: StageHook | None = None) -> list[ClipOutput]:
         """Every clip with its own instruction and token budget; outputs in order.
@@ -153,46 +258,99 @@ class Engine:
 
         return ClipRequest(clip.samples, clip.instruction, clip.max_new_tokens, hook, clip.tag)
 
-    def stream(self, feed: Feed, on_done: DoneHook) -> None:
+    def stream(self, feed: Feed, on_done: DoneHook, *, stop_ids: tuple[int, ...] | None = None,
+               **limits: int) -> dict[str, float]:
         """Run clips from ``feed`` until it gives none and none is running (see the module's docstring).
 
-        An exception raised by ``feed`` or ``on_done`` ends the stream and goes to the caller.
+        ``limits`` override the engine's ``max_rows`` / ``max_batch_tokens`` / ``prefill_tokens``
+        for this stream; ``stop_ids`` the checkpoint's stop ids (``()``: every clip spends its
+        budget, as benchmarks want). Returns the stream's totals (``Scheduler.stats`` plus
+        front-end and tower seconds). An exception raised by ``feed`` or ``on_done`` ends
+        the stream and goes to the caller.
         """
-        while True:
-            clips = list(feed(1))
-            if not clips:
-                return
-            for clip in clips:
-                try:
-                    outcome = self._one(clip)
-                except Exception as exc:
-                    outcome = exc
-                on_done(clip, outcome)
+        scheduler = self._scheduler(limits)
+        stop = self._stop(stop_ids)
 
-    def _one(self, clip: ClipRequest) -> ClipOutput:
-        hook = clip.on_stage or (lambda stage: None)
-        timings: dict[str, float] = {}
-        count, rows = 0, None
-        if clip.samples is not None:
-            count = check_clip(clip.samples)
-            hook("front_end")
-            (rows,), timings = self.encode([clip.samples], hook)
-            if rows.shape[0] != count:
-                raise AudioqError(FailureCode.MODEL_ERROR,
-                                  f"encoder gave {rows.shape[0]} audio rows, expected {count}")
-            ids = self.prompts.audio_prompt(clip.instruction, count)
-        else:
-            ids = self.prompts.text_prompt(clip.instruction)
-        hook("prefill")
+        def rows(free: int) -> list[Row] | None:
+            clips = list(feed(free))
+            return self._rows(clips, stop, on_done, scheduler.stats) if clips else None
+
+        def finish(row: Row, outcome: list[int] | BaseException) -> None:
+            on_done(row.owner, outcome if isinstance(outcome, BaseException) else self._output(row))
+
+        scheduler.run(rows, finish)
+        return scheduler.stats
+
+    def _scheduler(self, limits: dict[str, int]) -> Scheduler:
+        scheduler = Scheduler(self.decoder, **{**self.limits, **limits})
+        scheduler.stats.update(front_end=0.0, audio_tower=0.0)
+        return scheduler
+
+    def _stop(self, stop_ids: tuple[int, ...] | None) -> frozenset[int]:
+        return frozenset(self.model.config.tokens.stop if stop_ids is None else stop_ids)
+
+    def _output(self, row: Row) -> ClipOutput:
+        timings = dict(row.timings)
+        timings["generate"] = time.perf_counter() - row.joined
+        audio_tokens = 0 if row.audio is None else row.audio.shape[0]
+        return ClipOutput(text=self.prompts.reply_text(row.tokens), tokens=list(row.tokens),
+                          audio_tokens=audio_tokens, timings=timings)
+
+    def warm_up(self, seconds: tuple[float, ...] = WARM_UP_SECONDS) -> float:
+        """Run dummy clips through every stage and batch shape kind; returns the seconds taken.
+
+        MLX compiles kernels on first use (CUDA) and builds shaders (Metal); a job should not
+        pay for that. Kernels are specialised by dtype, rank and layout rather than by exact
+        size, so what has to be covered is each kind of call: one clip alone, a padded tower
+        batch, a left-padded prefill batch past the sliding window, rows joining a running
+        batch and leaving it at different steps (docs/design.md, "Batching").
+        """
         started = time.perf_counter()
-        tokens: list[int] = []
-        first = None
-        for token in self.decoder.greedy(ids, rows, clip.max_new_tokens, self.model.config.tokens.stop,
-                                         lambda: hook("generate")):
-            if first is None:
-                first = time.perf_counter()
-            tokens.append(token)
-        done = time.perf_counter()
-        timings["prefill"] = (first or done) - started
-        timings["generate"] = done - (first or done)
-        return ClipOutput(text=self.prompts.reply_text(tokens), tokens=tokens, audio_tokens=count, timings=timings)
+        rng = np.random.default_rng(0)
+        clips = [ClipRequest((0.1 * rng.standard_normal(int(s * SAMPLE_RATE))).astype(np.float32),
+                             "Transcribe this audio.", 2 + i % 4) for i, s in enumerate(seconds)]
+        clips.append(ClipRequest(None, "Say hello.", 3))
+        self.run(clips[:1])
+        late = clips[1:]
+
+        def on_done(clip: ClipRequest, outcome: ClipOutput | BaseException) -> None:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+        self.stream(lambda free: [late.pop(0) for _ in range(min(free, len(late), 2))], on_done, stop_ids=())
+        return time.perf_counter() - started
+
+    def generate(self, prompts: list[Prompt], max_new_tokens: int | list[int], *,
+                 stop_ids: tuple[int, ...] | None = None, joins: list[int] | None = None,
+                 **limits: int) -> list[list[int]]:
+        """Greedy tokens per prompt, batched as ``stream`` batches clips.
+
+        ``stop_ids`` default to the checkpoint's (``()``: run every budget out). ``joins[i]``
+        holds prompt i back until decode step ``joins[i]`` (rows joining mid-flight).
+        """
+        budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+        stop = self._stop(stop_ids)
+        rows = [Row(p.ids, p.audio, n, stop, owner=i) for i, (p, n) in enumerate(zip(prompts, budgets))]
+        joins = joins or [0] * len(rows)
+        pending = sorted(range(len(rows)), key=lambda i: joins[i])
+        outputs: list[list[int] | None] = [None] * len(rows)
+        scheduler = self._scheduler(limits)
+
+        def feed(free: int) -> list[Row] | None:
+            ready = [i for i in pending[:free] if joins[i] <= scheduler.stats["steps"]]
+            for i in ready:
+                pending.remove(i)
+            return [rows[i] for i in ready] if ready or pending else None
+
+        def finish(row: Row, outcome: list[int] | BaseException) -> None:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            outputs[row.owner] = list(outcome)
+
+        scheduler.run(feed, finish)
+        return outputs
+
+    def first_logits(self, prompts: list[Prompt]) -> np.ndarray:
+        """Last-position logits [B, V] (float32) of the prompts, prefilled as one batch."""
+        logits, _ = self.decoder.prefill([p.ids for p in prompts], [p.audio for p in prompts])
+        return np.array(logits.astype(mx.float32))

@@ -1,0 +1,138 @@
+"""Batched decoding gives every row the tokens it gets alone, in float32, token for token.
+
+The tiny e2b preset has a sliding window of 8 tokens, so every audio prompt here is far
+past it; clips run from 0.3 s to 30 s. Rows join mid-flight (the KV caches of batches of
+different lengths are merged: mlx-lm #983) and identical prompts joining at different
+steps must not share RoPE offsets or KV-shared keys (mlx-lm #1384, #1396, vllm-mlx #256).
+Budgets ignore stop ids where the comparison needs long outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import make_tone
+from worker.gemma4.engine import ClipRequest, Engine, Prompt
+
+SECONDS = [0.3, 1.3, 4.0, 11.0, 30.0]
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    return Engine.load(str(tiny_checkpoint("e2b")))
+
+
+@pytest.fixture(scope="module")
+def waves():
+    return [make_tone(s, freq=180 + 60 * i, seed=i)[:, 0] for i, s in enumerate(SECONDS)]
+
+
+@pytest.fixture(scope="module")
+def prompts(engine, waves):
+    audio = [engine.prompt(ClipRequest(w, "Transcribe this audio.", NEW_TOKENS)) for w in waves]
+    text = engine.prompt(ClipRequest(None, "Summarise the meeting in one sentence.", NEW_TOKENS))
+    return audio + [text]
+
+
+@pytest.fixture(scope="module")
+def alone(engine, prompts):
+    return [engine.generate([p], NEW_TOKENS, stop_ids=())[0] for p in prompts]
+
+
+def test_rows_of_mixed_lengths_decode_as_they_do_alone(engine, prompts, alone):
+    assert min(len(p.ids) for p in prompts) > engine.decoder.window
+    budgets = [NEW_TOKENS, 5, NEW_TOKENS, 9, NEW_TOKENS, 12]  # rows leave the batch at different steps
+    batched = engine.generate(prompts, budgets, stop_ids=())
+    assert batched == [a[:n] for a, n in zip(alone, budgets)]
+
+
+def test_prompts_either_side_of_the_sliding_window_decode_as_they_do_alone(engine):
+    window = engine.decoder.window
+    rng = np.random.default_rng(7)
+    lengths = [3, window - 1, window, window + 1, 5 * window]
+    text = [Prompt([2] + rng.integers(110, 400, n - 1).tolist()) for n in lengths]
+    alone = [engine.generate([p], NEW_TOKENS, stop_ids=())[0] for p in text]
+    assert engine.generate(text, NEW_TOKENS, stop_ids=()) == alone
+
+
+def test_rows_joining_mid_flight_decode_as_they_do_alone(engine, prompts, alone):
+    twice = prompts + [prompts[2]]  # the same prompt, joining at another step
+    joins = [0, 3, 5, 9, 1, 2, 11]
+    assert engine.generate(twice, NEW_TOKENS, stop_ids=(), joins=joins) == alone + [alone[2]]
+
+
+def test_a_row_dropped_by_its_check_point_leaves_the_others_unchanged(engine, waves):
+    clips = [ClipRequest(w, "Transcribe this audio.", 10) for w in waves[:3]]
+    expected = [engine.run([c])[0].tokens for c in clips]
+    steps = 0
+
+    def deadline(stage: str) -> None:
+        nonlocal steps
+        steps += stage == "generate"
+        if steps == 4:
+            raise TimeoutError("deadline passed")
+
+    clips[1].on_stage = deadline
+    for i, clip in enumerate(clips):
+        clip.tag = i
+    pending, outcomes = list(clips), {}
+    engine.stream(lambda free: [pending.pop(0) for _ in range(min(free, len(pending)))],
+                  lambda clip, outcome: outcomes.__setitem__(clip.tag, outcome))
+    assert isinstance(outcomes[1], TimeoutError)
+    assert [outcomes[0].tokens, outcomes[2].tokens] == [expected[0], expected[2]]
+
+
+def test_text_only_turns_and_audio_clips_share_a_batch(engine, waves):
+    clips = [ClipRequest(None, "Summarise the meeting in one sentence.", 8),
+             ClipRequest(waves[1], "Transcribe this audio.", 8),
+             ClipRequest(None, "What was decided?", 8),
+             ClipRequest(waves[3], "Transcribe this audio.", 8)]
+    together = engine.run(clips)
+    assert [o.tokens for o in together] == [engine.run([c])[0].tokens for c in clips]
+    assert [o.audio_tokens for o in together] == [0, 33, 0, 275]
+
+
+def test_a_short_output_finishes_while_a_long_one_still_runs(engine, waves):
+    long, short, late = (ClipRequest(waves[0], "Transcribe this audio.", n, tag=tag)
+                         for n, tag in ((40, "long"), (3, "short"), (3, "late")))
+    pending, finished = [long, short, late], []
+    engine.stream(lambda free: [pending.pop(0) for _ in range(min(free, len(pending)))],
+                  lambda clip, outcome: finished.append(clip.tag), max_rows=2)
+    assert finished == ["short", "late", "long"]
+
+
+def test_the_batch_stays_within_its_row_and_token_limits(engine, waves):
+    limit = 3 * (engine.prompt(ClipRequest(waves[2], "Transcribe this audio.", 0)).ids.__len__() + 6)
+    running, most = set(), 0
+
+    def watch(i):
+        def hook(stage: str) -> None:
+            nonlocal most
+            if stage == "prefill":
+                running.add(i)
+                most = max(most, len(running))
+        return hook
+
+    pending = [ClipRequest(waves[2], "Transcribe this audio.", 6, watch(i), tag=i) for i in range(8)]
+    done = []
+    engine.stream(lambda free: [pending.pop(0) for _ in range(min(free, len(pending)))],
+                  lambda clip, outcome: (running.discard(clip.tag), done.append(outcome)),
+                  max_rows=4, max_batch_tokens=limit)
+    assert len(done) == 8 and all(o.tokens for o in done)
+    assert most == 3
+
+
+def test_a_clip_larger_than_the_token_budget_runs_alone(engine, waves):
+    clips = [ClipRequest(w, "Transcribe this audio.", 4, tag=i) for i, w in enumerate(waves[3:])]
+    pending, outputs = list(clips), {}
+    engine.stream(lambda free: [pending.pop(0) for _ in range(min(free, len(pending)))],
+                  lambda clip, outcome: outputs.__setitem__(clip.tag, outcome), max_batch_tokens=10)
+    assert [outputs[i].tokens for i in range(2)] == [engine.run([c])[0].tokens for c in clips]
+
+
+def test_warm_up_takes_time_once_and_changes_no_result(engine, prompts, alone):
+    seconds = engine.warm_up()
+    assert seconds > 0
+    assert engine.generate(prompts[:2], NEW_TOKENS, stop_ids=()) == alone[:2]

@@ -1,0 +1,93 @@
+"""The KV caches of a batch of rows: left-padded, right-aligned, one column per position.
+
+Every producer layer (sliding and full) gets an mlx-lm ``BatchKVCache``: its left padding,
+per-row ``offset`` (each row's RoPE position), ``extend`` (right-justifies two batches of
+different lengths) and ``filter`` (drops rows, then the columns every row pads) are exact.
+Sliding layers do not use ``BatchRotatingKVCache``: its ring buffer keeps one write index
+for all rows, and extending or merging rotated caches of different lengths is where
+mlx-lm #983 lives. Because every row's newest key sits in the last column, the sliding
+window is the same column range for every row, so a mask does what the ring does, exactly
+(docs/design.md, "Batching").
+
+The masks are built here, once per layer type and step, from a host-side copy of the left
+padding, so a step needs no device read.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache
+
+SLIDING = "sliding_attention"
+
+
+class KVBatch:
+    def __init__(self, num_layers: int, pads: list[int], window: int):
+        self.caches = [BatchKVCache(pads) for _ in range(num_layers)]
+        self.pads = list(pads)  # leading columns of each row that hold no token
+        self.window = window
+        self.columns = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.pads)
+
+    def lengths(self) -> list[int]:
+        """Tokens each row holds (its next RoPE position)."""
+        return [self.columns - p for p in self.pads]
+
+    def masks(self, new: int) -> dict[str, mx.array | str | None]:
+        """Attention masks per layer type for ``new`` query columns appended after the cache.
+
+        A key column is visible to a query column when it is not after it, is inside the
+        window (sliding layers), and is not the row's left padding. A padding query also
+        sees itself, so its softmax has one finite term (its output is never read). A decode
+        step's query is the last column, so its mask is one threshold per row.
+        """
+        total = self.columns + new
+        out: dict[str, mx.array | str | None] = {}
+        for kind, window in (("full_attention", None), (SLIDING, self.window)):
+            if not any(self.pads) and (window is None or total <= window):
+                out[kind] = None if new == 1 else "causal"
+                continue
+            if new == 1:  # a decode step: one threshold column per row, computed on the host
+                first = [max(p, total - window) if window else p for p in self.pads]
+                out[kind] = mx.arange(total) >= mx.array(first)[:, None, None, None]
+                continue
+            q = mx.arange(self.columns, total)[:, None]
+            k = mx.arange(total)[None]
+            visible = k <= q
+            if window is not None:
+                visible = visible & (q - k < window)
+            pads = mx.array(self.pads)[:, None, None, None]
+            out[kind] = (visible & (k >= pads)) | (k == q)
+        return out
+
+    def advance(self, new: int) -> None:
+        """Record that the layers appended ``new`` columns (called after a forward pass)."""
+        self.columns += new
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in that order); columns that are padding in every kept row go."""
+        index = mx.array(rows)
+        pads = [self.pads[r] for r in rows]
+        cut = min(pads) if pads else 0
+        for cache in self.caches:  # BatchKVCache.filter, without its device read of the padding
+            keys, values, offset, left, used = cache.state
+            if keys is not None:
+                keys, values = keys[index, :, cut:], values[index, :, cut:]
+            cache.state = keys, values, offset[index], left[index] - cut, used - cut
+        self.pads = [p - cut for p in pads]
+        self.columns -= cut
+
+    def extend(self, other: "KVBatch") -> None:
+        """Append ``other``'s rows; the shorter side is padded on the left."""
+        for mine, theirs in zip(self.caches, other.caches):
+            mine.extend(theirs)
+        width = max(self.columns, other.columns)
+        self.pads = [p + width - self.columns for p in self.pads] + \
+                    [p + width - other.columns for p in other.pads]
+        self.columns = width
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)

@@ -1,0 +1,269 @@
+"""Continuous batching: rows join a running decode batch and leave it one by one.
+
+A row is one prompt ready for the decoder (ids, audio soft tokens, budget, stop ids, its
+owner's check point). Before every decode step the scheduler admits waiting rows (under
+the row limit and the memory budget), prefills them in groups and extends the running
+batch with them; rows that stop, spend their budget or whose check point raises leave the
+batch at once, so long outputs never hold short ones hostage.
+
+Running out of device memory fails nothing: a group whose prefill does not fit is split
+in halves and retried; a decode step that does not fit sends every running row back to
+the waiting line (prompt plus the tokens it has so far, re-prefilled later) and halves
+the row limit. Only a row that does not fit even alone fails (``model_error``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from producer.failures import AudioqError, FailureCode
+from worker.gemma4.decoder import Decoder
+from worker.gemma4.kv_batch import KVBatch
+
+PADDING_SLACK = 1.25  # a batched call may compute at most this much more than its rows need
+OOM_MARKERS = ("out of memory", "malloc]", "resource limit", "unable to allocate")
+
+
+@dataclass(eq=False)
+class Row:
+    ids: list[int]
+    audio: mx.array | None  # [n, H] soft tokens for the prompt's placeholders
+    budget: int  # max new tokens
+    stop: frozenset[int]
+    hook: Callable[[str], None] | None = None  # raising drops this row alone
+    owner: Any = None
+    tokens: list[int] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    joined: float | None = None  # perf_counter when it first joined the batch
+
+    @property
+    def reserve(self) -> int:
+        """Cache columns this row may come to hold."""
+        return len(self.ids) + self.budget
+
+    def check(self, stage: str) -> None:
+        if self.hook is not None:
+            self.hook(stage)
+
+
+Finish = Callable[[Row, "list[int] | BaseException"], None]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """MLX's allocation failures: MemoryError on the CPU, RuntimeError naming malloc elsewhere."""
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OOM_MARKERS)
+
+
+def pack(sizes: list[int], *, max_padded: int, max_count: int | None = None,
+         slack: float = PADDING_SLACK) -> list[list[int]]:
+    """Indices of ``sizes`` in groups padded to their longest member, for one batched call.
+
+    Shortest first; a group closes when adding the next size would make it hold more than
+    ``max_padded`` padded elements, more than ``max_count`` members, or more than ``slack``
+    times the elements it really has (padding is computed for nothing).
+    """
+    groups: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(sizes)), key=lambda i: sizes[i]):
+        group = groups[-1] if groups else None
+        if group is not None:
+            padded = (len(group) + 1) * sizes[i]
+            if (padded <= max_padded and padded <= slack * (real + sizes[i])
+                    and (max_count is None or len(group) < max_count)):
+                group.append(i)
+                real += sizes[i]
+                continue
+        groups.append([i])
+        real = sizes[i]
+    return groups
+
+
+class Scheduler:
+    def __init__(self, decoder: Decoder, *, max_rows: int, max_batch_tokens: int, prefill_tokens: int):
+        self.decoder = decoder
+        self.max_rows = max_rows
+        self.max_batch_tokens = max_batch_tokens
+        self.prefill_tokens = prefill_tokens
+        self.waiting: deque[Row] = deque()
+        self.rows: list[Row] = []
+        self.batch: KVBatch | None = None
+        self.token: mx.array | None = None  # the next input of every running row, not yet read
+        # totals for benchmarks, logs and callers: seconds in prefill and decode, rows, steps, tokens read
+        self.stats: dict[str, float] = dict(prefill=0.0, decode=0.0, rows=0, tokens=0, steps=0,
+                                            peak_rows=0, out_of_memory=0)
+
+    def free(self) -> int:
+        """Rows the batch could take now, counting the waiting ones as taken."""
+        room = self.max_rows - len(self.rows) - len(self.waiting)
+        if self.rows:
+            widest = max(r.reserve for r in self.rows)
+            room = min(room, self.max_batch_tokens // widest - len(self.rows) - len(self.waiting))
+        return max(room, 0)
+
+    def run(self, feed: Callable[[int], list[Row] | None], finish: Finish) -> None:
+        """Until ``feed`` gives nothing (None) and no row waits or runs.
+
+        ``feed(free)`` returns the rows it made of up to ``free`` new requests ([] when all
+        of them failed before becoming rows), or None when it had no request.
+        """
+        while True:
+            free = self.free()
+            fed = feed(free) if free else []
+            self.waiting.extend(fed or [])
+            self._admit(finish)
+            if not self.rows:
+                if fed is None and not self.waiting:
+                    return
+                continue
+            self._step(finish)
+
+    # -- joining ------------------------------------------------------------------------
+
+    def _admit(self, finish: Finish) -> None:
+        """Move waiting rows that fit into the batch, prefilled in groups."""
+        chosen: list[Row] = []
+        while self.waiting and len(self.rows) + len(chosen) < self.max_rows:
+            row = self.waiting[0]
+            count = len(self.rows) + len(chosen) + 1
+            widest = max([row.reserve] + [r.reserve for r in self.rows + chosen])
+            if count > 1 and count * widest > self.max_batch_tokens:
+                break
+            chosen.append(self.waiting.popleft())
+        for group in self._groups(chosen):
+            self._prefill(group, finish)
+
+    def _groups(self, rows: list[Row]) -> list[list[Row]]:
+        widths = [len(r.ids) + len(r.tokens) for r in rows]
+        return [[rows[i] for i in group] for group in pack(widths, max_padded=self.prefill_tokens)]
+
+    def _prefill(self, group: list[Row], finish: Finish) -> None:
+        live = []
+        for row in group:
+            try:
+                row.check("prefill")
+                live.append(row)
+            except Exception as exc:
+                finish(row, exc)
+        if live:
+            self._prefill_checked(live, finish)
+
+    def _prefill_checked(self, live: list[Row], finish: Finish) -> None:
+        started = time.perf_counter()
+        try:
+            logits, batch = self.decoder.prefill([r.ids for r in live], [r.audio for r in live],
+                                                 [r.tokens for r in live])
+            first = mx.argmax(logits, axis=-1)
+            mx.eval(first, [c.state[:2] for c in batch.caches])
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            mx.clear_cache()
+            if len(live) == 1:
+                finish(live[0], AudioqError(FailureCode.MODEL_ERROR, f"out of device memory prefilling one "
+                                            f"prompt of {len(live[0].ids)} tokens alone: {exc}"))
+                return
+            half = len(live) // 2
+            self._prefill_checked(live[:half], finish)
+            self._prefill_checked(live[half:], finish)
+            return
+        seconds = time.perf_counter() - started
+        self.stats["prefill"] += seconds
+        self.stats["rows"] += len(live)
+        for row in live:
+            row.timings["prefill"] = row.timings.get("prefill", 0.0) + seconds
+            row.joined = row.joined or time.perf_counter()
+        self._join(live, first, batch, finish)
+
+    def _join(self, live: list[Row], first: mx.array, batch: KVBatch, finish: Finish) -> None:
+        ready = [i for i, r in enumerate(live) if r.budget > len(r.tokens)]
+        for i, row in enumerate(live):
+            if i not in ready:
+                finish(row, row.tokens)
+        if not ready:
+            return
+        if len(ready) < len(live):
+            batch.keep(ready)
+            first = first[mx.array(ready)]
+            live = [live[i] for i in ready]
+        if self.batch is None:
+            self.rows, self.batch, self.token = live, batch, first
+            return
+        self.batch.extend(batch)
+        self.rows = self.rows + live
+        self.token = mx.concatenate([self.token, first])
+
+    # -- stepping -----------------------------------------------------------------------
+
+    def _step(self, finish: Finish) -> None:
+        started = time.perf_counter()
+        live = []
+        for i, row in enumerate(self.rows):
+            try:
+                row.check("generate")
+                live.append(i)
+            except Exception as exc:
+                finish(row, exc)
+        self._keep(live)
+        if not self.rows:
+            return
+        try:
+            following = None
+            if any(len(r.tokens) + 1 < r.budget for r in self.rows):
+                following = mx.argmax(self.decoder.step(self.token, self.batch), axis=-1)
+                mx.async_eval(following)
+            values = self.token.tolist()
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if len(self.rows) == 1:
+                row = self.rows[0]
+                self._keep([])
+                mx.clear_cache()
+                finish(row, AudioqError(FailureCode.MODEL_ERROR, "out of device memory decoding one row "
+                                        f"of {len(row.ids) + len(row.tokens)} tokens alone: {exc}"))
+                return
+            self.stats["out_of_memory"] += 1
+            self._requeue_all()
+            return
+        self.stats["steps"] += 1
+        self.stats["tokens"] += len(values)
+        self.stats["peak_rows"] = max(self.stats["peak_rows"], len(values))
+        kept = []
+        for i, (row, value) in enumerate(zip(self.rows, values)):
+            if value in row.stop:
+                finish(row, row.tokens)
+                continue
+            row.tokens.append(value)
+            if len(row.tokens) >= row.budget:
+                finish(row, row.tokens)
+                continue
+            kept.append(i)
+        self.token = following
+        self._keep(kept)
+        self.stats["decode"] += time.perf_counter() - started
+
+    def _keep(self, indices: list[int]) -> None:
+        if len(indices) == len(self.rows):
+            return
+        if not indices:
+            self.rows, self.batch, self.token = [], None, None
+            return
+        self.rows = [self.rows[i] for i in indices]
+        self.batch.keep(indices)
+        if self.token is not None:
+            self.token = self.token[mx.array(indices)]
+
+    def _requeue_all(self) -> None:
+        """A step did not fit: every running row waits again (first in line), half as many rows."""
+        self.waiting.extendleft(reversed(self.rows))
+        self.max_rows = max(1, len(self.rows) // 2)
+        self.rows, self.batch, self.token = [], None, None
+        mx.clear_cache()
