@@ -70,7 +70,7 @@ class Settings(BaseModel):
 
     # Worker: batching (see docs/design.md, "Several jobs at once")
     batch_max_jobs: int = Field(32, ge=1, description="jobs whose clips run in the engine at once; 1 = one at a time")
-    batch_token_budget: int = Field(65536, ge=1, description="KV-cache rows the running clips may hold, in tokens")
+    batch_token_budget: int = Field(32768, ge=1, description="KV-cache rows the running clips may hold, in tokens")
     prefetch_jobs: int = Field(4, ge=0, description="jobs fetched and decoded ahead of the engine")
     redis_retry_max_wait: float = Field(2.0, gt=0, description="longest wait between reconnects while Redis is away")
 

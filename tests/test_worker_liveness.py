@@ -167,7 +167,7 @@ def test_a_running_job_keeps_beating_and_is_never_reaped(redis_url, redis_conn, 
 
 
 def test_sigterm_mid_job_finishes_the_job_then_exits_0(redis_url, redis_conn, model, long_request, tmp_path, procs):
-    settings = liveness_settings(redis_url, model=model)
+    settings = liveness_settings(redis_url, model=model, batch_max_jobs=1)  # "second" is not in the engine yet
     (worker,) = start_idle_workers(redis_conn, settings, tmp_path, procs, 1)
     first = enqueue(redis_conn, long_request(SHORT_RUN))
     second = enqueue(redis_conn, long_request(SHORT_RUN), job_id="second")
@@ -187,7 +187,8 @@ def test_a_cold_shutdown_mid_job_resolves_the_job_as_a_sigkill_would(redis_url, 
                                                                       tmp_path, procs, lost_job_retries):
     """Second SIGTERM: the same outcome as a SIGKILL (requeued at the front while lost_job_retries
     allows, else failed as worker_lost), but at once rather than after lost_after."""
-    settings = liveness_settings(redis_url, model=model, lost_job_retries=lost_job_retries)
+    settings = liveness_settings(redis_url, model=model, lost_job_retries=lost_job_retries,
+                                 batch_max_jobs=1)  # "behind" is not in the engine yet
     (worker,) = start_idle_workers(redis_conn, settings, tmp_path, procs, 1)
     job = enqueue(redis_conn, long_request(KILLED_RUN))
     behind = enqueue(redis_conn, long_request(SHORT_RUN), job_id="behind")

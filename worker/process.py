@@ -39,7 +39,6 @@ import threading
 import time
 import traceback
 
-import numpy as np
 import redis
 from rq.executions import Execution
 from rq.job import JobStatus, Retry
@@ -55,7 +54,7 @@ from producer.settings import Settings
 from worker import reaper, task
 from worker.batch import Batch
 from worker.failures import failure_for
-from worker.gemma4.engine import ClipRequest, Engine
+from worker.gemma4.engine import Engine
 from worker.job import AudioJob
 from worker.lifecycle import JobFailed, record_failure
 from worker.outage import AWAY, Backoff
@@ -464,15 +463,6 @@ class AudioWorker(SimpleWorker):
         return any(self.connection.zcount(q.scheduled_job_registry.key, "-inf", horizon) for q in self.queues)
 
 
-def warm_up(engine: Engine) -> float:
-    """Run a short dummy clip through every stage before the first job, so no job pays for kernel
-    compilation (MLX CUDA ~40 s, Metal shaders); returns the seconds it took."""
-    started = time.perf_counter()
-    second = np.arange(engine.sample_rate, dtype=np.float32) / engine.sample_rate
-    engine.run([ClipRequest(0.1 * np.sin(2 * np.pi * 440 * second), "Transcribe this audio.", max_new_tokens=2)])
-    return time.perf_counter() - started
-
-
 def run_worker(settings: Settings, *, queues: list[str] | None = None, burst: bool = False,
                max_jobs: int | None = None, name: str | None = None) -> int:
     """Load ``settings.model`` once, then work ``queues`` (highest priority first) until stopped.
@@ -486,12 +476,14 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, burst: bo
         return 3
     started = time.perf_counter()
     try:
-        engine = Engine.load(settings.model)
+        # A job's clips are rows; the settings' memory budget is the engine's KV-cache bound.
+        engine = Engine.load(settings.model, max_rows=settings.batch_max_jobs,
+                             max_batch_tokens=settings.batch_token_budget)
     except AudioqError as exc:
         log.error("cannot load model %s: %s", settings.model, exc.message)
         return 3
     log.info("engine %s loaded in %.1f s", engine.model_id, time.perf_counter() - started)
-    log.info("warm-up (a dummy clip through every stage) took %.2f s", warm_up(engine))
+    log.info("warm-up (dummy clips through every stage and batch shape) took %.2f s", engine.warm_up())
     connection = redis.Redis.from_url(settings.redis_url)
     # A name that says which Mac ran (or lost) a job; RQ's default is a random hex id.
     worker = AudioWorker(queues or settings.queues, settings=settings, engine=engine, connection=connection,
