@@ -16,8 +16,9 @@ dropped at their next stage hook. The RQ side (claim, finish through RQ's own ha
 release, resolve) is the worker's (``process.AudioWorker``); this module never touches
 RQ's records itself.
 
-The hard time limit (RQ's SIGALRM backstop) is armed while the engine runs, for the held
-job that has run longest; it fires inside the engine and becomes that clip's outcome.
+The hard time limit (RQ's SIGALRM backstop) is armed whenever control goes back to the
+engine with clips in it, for the held job that has run longest; it fires inside the
+engine and becomes that clip's outcome (or, raised out of the stream, that job's).
 Redis being away never fails a job here: stage hooks skip their progress/cancel writes,
 threads retry their step, and finishing waits for Redis (``outage.Backoff``).
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -99,7 +101,7 @@ class Batch:
         self.in_flight: dict[int, tuple[Held, ClipRequest, ClipRequest, int]] = {}  # id(clip) → ...
         self.tokens = 0  # clip_cost of the clips in the engine
         self.row_cap = math.inf  # lowered when the engine runs out of memory
-        self.alarm = None
+        self.armed = False  # the hard time limit's timer is set
         self.backoff = Backoff(self.settings.redis_retry_max_wait)
         self.taking_again_at = 0.0
         self.outside = 0.0  # seconds the main thread spent in feed and on_done: the engine's idle time
@@ -140,6 +142,7 @@ class Batch:
             return self.next_clips(free)
         finally:
             self.outside += time.perf_counter() - entered
+            self.arm()
 
     def next_clips(self, free: int) -> list[ClipRequest]:
         while True:
@@ -147,7 +150,6 @@ class Batch:
             self.take(free)
             clips = self.hand_out(free)
             if clips:
-                self.arm()
                 return clips
             if self.in_flight or not self.held:
                 return []
@@ -164,6 +166,7 @@ class Batch:
             self.take_back(clip, outcome)
         finally:
             self.outside += time.perf_counter() - entered
+            self.arm()
 
     def take_back(self, clip: ClipRequest, outcome: ClipOutput | BaseException) -> None:
         held, original, _, cost = self.in_flight.pop(id(clip))
@@ -297,17 +300,27 @@ class Batch:
         return hook
 
     def arm(self) -> None:
-        """RQ's hard time limit, for the held job in the engine that has run longest."""
+        """RQ's hard time limit, for the held job in the engine that has run longest (none: nothing runs).
+
+        A timer to the fraction of a second, not RQ's whole-second ``alarm``: it is re-armed
+        at every step, and rounding up each time would push it back for ever.
+        """
+        if not self.in_flight:
+            return
         oldest = min((h for h, *_ in self.in_flight.values()), key=lambda h: h.claimed_at)
         left = self.settings.hard_timeout - (time.monotonic() - oldest.claimed_at)
-        self.alarm = self.worker.death_penalty_class(max(1, math.ceil(left)), JobTimeoutException,
-                                                     job_id=oldest.job.id)
-        self.alarm.setup_death_penalty()
+        signal.signal(signal.SIGALRM, self.hard_limit)
+        signal.setitimer(signal.ITIMER_REAL, max(left, 0.001))
+        self.armed = True
 
     def disarm(self) -> None:
-        if self.alarm is not None:
-            self.alarm.cancel_death_penalty()
-            self.alarm = None
+        if self.armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            self.armed = False
+
+    def hard_limit(self, signum, frame) -> None:
+        raise JobTimeoutException(f"Task exceeded maximum timeout value ({self.settings.hard_timeout} seconds)")
 
     def hard_limit_outside_a_clip(self, exc: JobTimeoutException) -> None:
         """The alarm went off between clips' own work: the oldest running job fails; the others' clips run again."""
