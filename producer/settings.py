@@ -87,6 +87,11 @@ class Settings(BaseModel):
     min_chunk_seconds: float = Field(3.0, gt=0)
     skip_silence_seconds: float = Field(3.0, gt=0, description="silences this long are not sent to the model")
     silence_floor_db: float = Field(-60.0, le=0, description="dBFS under which audio is a pause at any level")
+    # Worker: batching (see docs/design.md, "Several jobs at once")
+    batch_max_jobs: int = Field(32, ge=1, description="jobs whose clips run in the engine at once; 1 = one at a time")
+    batch_token_budget: int = Field(32768, ge=1, description="KV-cache rows the running clips may hold, in tokens")
+    prefetch_jobs: int = Field(4, ge=0, description="jobs fetched and decoded ahead of the engine")
+    redis_retry_max_wait: float = Field(2.0, gt=0, description="longest wait between reconnects while Redis is away")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":

@@ -26,8 +26,8 @@ import redis
 from conftest import make_tone
 from rq import Queue, SimpleWorker
 from rq.registry import ScheduledJobRegistry
-from worker_fixtures import (closed_endpoint, enqueue, fetch, long_tone, redis_proxy, start_worker,  # noqa: F401
-                             strand, wait_for, worker_settings, write_wav)
+from worker_fixtures import (closed_endpoint, enqueue, fetch, long_tone, procs, redis_proxy,  # noqa: F401
+                             start_worker, strand, wait_for, worker_settings, write_wav)
 
 from producer import record
 from worker import reaper
@@ -65,16 +65,6 @@ def long_request(tmp_path):
     return lambda max_new_tokens: {"audio_uri": uri, "max_new_tokens": max_new_tokens}
 
 
-@pytest.fixture
-def procs():
-    started = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 def stage_of(job) -> str | None:
     return (job.get_meta(refresh=True).get(record.META_PROGRESS) or {}).get("stage")
 
@@ -86,7 +76,8 @@ def workers(redis_conn) -> int:
 def start_idle_workers(redis_conn, settings, tmp_path, procs, count: int, **options) -> list[subprocess.Popen]:
     started = [start_worker(settings, tmp_path / f"worker{i}.log", **options) for i in range(count)]
     procs.extend(started)
-    wait_for(lambda: workers(redis_conn) == count, what=f"{count} workers to register")
+    # A worker registers after loading the model and its warm-up: seconds on a busy machine.
+    wait_for(lambda: workers(redis_conn) == count, timeout=60, what=f"{count} workers to register")
     return started
 
 
@@ -178,7 +169,7 @@ def test_a_running_job_keeps_beating_and_is_never_reaped(redis_url, redis_conn, 
 
 
 def test_sigterm_mid_job_finishes_the_job_then_exits_0(redis_url, redis_conn, model, long_request, tmp_path, procs):
-    settings = liveness_settings(redis_url, model=model)
+    settings = liveness_settings(redis_url, model=model, batch_max_jobs=1)  # "second" is not in the engine yet
     (worker,) = start_idle_workers(redis_conn, settings, tmp_path, procs, 1)
     first = enqueue(redis_conn, long_request(SHORT_RUN))
     second = enqueue(redis_conn, long_request(SHORT_RUN), job_id="second")
@@ -198,7 +189,8 @@ def test_a_cold_shutdown_mid_job_resolves_the_job_as_a_sigkill_would(redis_url, 
                                                                       tmp_path, procs, lost_job_retries):
     """Second SIGTERM: the same outcome as a SIGKILL (requeued at the front while lost_job_retries
     allows, else failed as worker_lost), but at once rather than after lost_after."""
-    settings = liveness_settings(redis_url, model=model, lost_job_retries=lost_job_retries)
+    settings = liveness_settings(redis_url, model=model, lost_job_retries=lost_job_retries,
+                                 batch_max_jobs=1)  # "behind" is not in the engine yet
     (worker,) = start_idle_workers(redis_conn, settings, tmp_path, procs, 1)
     job = enqueue(redis_conn, long_request(KILLED_RUN))
     behind = enqueue(redis_conn, long_request(SHORT_RUN), job_id="behind")

@@ -143,6 +143,17 @@ def start_worker(settings: Settings, log_path: Path, *, burst: bool = False,
                                 stderr=subprocess.STDOUT)
 
 
+@pytest.fixture
+def procs():
+    """Subprocesses the test starts (append them); those still running at its end are killed."""
+    started = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -5,7 +5,7 @@ raise ``AudioqError`` with the code and a message naming what was found and what
 allowed; those pass through unchanged. Everything else reaching a job's boundary is
 classified here, so a job record never carries a bare traceback as its reason. (A cold
 shutdown's ``SystemExit`` never gets here: the worker resolves that job like a lost one,
-see ``process.AudioWorker.resolve_after_cold_shutdown``.)
+see ``process.AudioWorker.abandon``.)
 """
 
 from __future__ import annotations

@@ -1,11 +1,17 @@
-"""The worker process: one per Mac, the model resident, jobs run on the main thread.
+"""The worker process: one per Mac, the model resident, several jobs at once on the main thread.
 
 ``AudioWorker`` is a ``SimpleWorker``: no fork per job, because MLX/Metal state does not
-survive a fork, and the model would otherwise load per job. It adds what ``SimpleWorker``
-lacks, in one background thread (``Maintenance``) that touches Redis only, never MLX
-(MLX streams belong to the main thread):
+survive a fork, and the model would otherwise load per job. RQ's loop dequeues one job and
+calls ``execute_job``; from there a ``batch.Batch`` takes more jobs itself and runs them
+all through one ``Engine.stream``. The RQ side of that is here: ``claim`` starts a job as
+``SimpleWorker`` does, with its own execution; ``finish`` ends it through RQ's own success,
+retry and failure handlers; ``release`` puts a job claimed ahead back unrun; ``abandon``
+resolves a started one on a cold shutdown (docs/design.md, "Several jobs at once").
 
-- the running job's beat key, refreshed every ``heartbeat_interval`` (see ``reaper``), and
+What ``SimpleWorker`` lacks runs in one background thread (``Maintenance``) that touches
+Redis only, never MLX (MLX streams belong to the main thread):
+
+- the beat key of every held job, refreshed every ``heartbeat_interval`` (see ``reaper``), and
   the worker's own (see ``registration``: a crashed worker's name is free again at once);
 - the lost-job sweep, in every worker, idle or busy, and the slower one for jobs taken off
   a queue by a worker that died before starting them (``orphans``);
@@ -13,17 +19,18 @@ lacks, in one background thread (``Maintenance``) that touches Redis only, never
   (``retry_schedule``, lock-free): RQ's ``with_scheduler`` forks a process, unsafe in a
   process holding Metal state, and its locks let a dead holder delay retries for minutes.
 
-The beat stops once a job has run longer than ``Settings.hard_timeout``: by then RQ's own
-SIGALRM should have ended it, so the main thread is stuck in a call that never returns
-(a native MLX call cannot be interrupted), and the reaper then treats the job as lost.
+A job's beat stops once it has run longer than ``Settings.hard_timeout``: by then the hard
+time limit (SIGALRM) should have ended it, so the main thread is stuck in a call that never
+returns (a native MLX call cannot be interrupted), and the reaper then treats it as lost.
 
-Warm shutdown is RQ's: the first SIGTERM/SIGINT lets the current job finish, then the
-worker exits 0. A second signal is RQ's cold shutdown, which raises ``SystemExit`` inside
-the job: the job then goes through the reaper's own ``resolve`` at once (requeued at the
-front while ``lost_job_retries`` allows, else failed as ``worker_lost``), exactly as if the
-worker had been SIGKILLed, and the worker exits 0. A burst worker also waits for jobs in
-its queues that come due within the longest retry backoff, so a burst drains its retries
-instead of leaving them scheduled.
+Warm shutdown (first SIGTERM/SIGINT): the jobs in the engine finish, the ones claimed ahead
+go back to their queue, then the worker exits 0. A second signal is RQ's cold shutdown,
+which raises ``SystemExit`` in the main thread: unstarted jobs go back, and every started
+one goes through the reaper's own ``resolve`` at once (requeued at the front while
+``lost_job_retries`` allows, else failed as ``worker_lost``), exactly as if the worker had
+been SIGKILLed, and the worker exits 0. Redis going away fails nothing and stops nothing
+(``outage``). A burst worker waits for jobs in its queues that come due within the longest
+retry backoff, and sweeps for lost jobs before it exits.
 """
 
 from __future__ import annotations
@@ -33,14 +40,16 @@ import os
 import socket
 import threading
 import time
+import traceback
 from contextlib import suppress
 
 import redis
-from rq.job import JobStatus
+from rq.executions import Execution
+from rq.job import JobStatus, Retry
 from rq.logutils import setup_loghandlers
 from rq.queue import Queue
 from rq.utils import current_timestamp, now, utcformat
-from rq.worker import SimpleWorker
+from rq.worker import SimpleWorker, WorkerStatus
 
 from producer import record
 from producer.connection import connect
@@ -48,10 +57,12 @@ from producer.failures import AudioqError, FailureCode
 from producer.printable import printable
 from producer.settings import Settings
 from worker import orphans, reaper, registration, retry_schedule, task
+from worker.batch import Batch
 from worker.failures import failure_for
 from worker.gemma4.engine import Engine
 from worker.job import AudioJob
 from worker.lifecycle import JobFailed, record_failure
+from worker.outage import AWAY, Backoff
 
 TICK = 1.0  # seconds between the background thread's rounds (due retries), at most
 
@@ -68,36 +79,39 @@ class Maintenance(threading.Thread):
         self.connection = worker.connection
         self.stopping = threading.Event()
         self.lock = threading.Lock()
-        self.job_id: str | None = None
-        self.job_started_at = 0.0  # time.monotonic() when the running job started
-        self.overdue_logged = False
+        self.started_at: dict[str, float] = {}  # held job id → time.monotonic() at its claim
+        self.overdue_logged: set[str] = set()
 
     def job_started(self, job_id: str) -> None:
         """Beat before RQ registers the job as started, so the reaper never sees it beatless."""
         with self.lock:
-            self.job_id = job_id
-            self.job_started_at = time.monotonic()
-            self.overdue_logged = False
+            self.started_at[job_id] = time.monotonic()
+            self.overdue_logged.discard(job_id)
             reaper.beat(self.connection, job_id, self.worker.name, self.settings.lost_after)
 
     def job_ended(self, job_id: str) -> None:
-        """After RQ removed the job from the started registry: the beat is no longer needed."""
+        """After RQ removed the job from the started registry: its beat is no longer needed."""
+        self.forget(job_id)
+        self.connection.delete(record.beat_key(job_id))
+
+    def forget(self, job_id: str) -> None:
+        """No more beats for the job (its beat key then expires by itself after lost_after)."""
         with self.lock:
-            self.job_id = None
-            self.connection.delete(record.beat_key(job_id))
+            self.started_at.pop(job_id, None)
+            self.overdue_logged.discard(job_id)
 
     def beat(self) -> None:
-        """Refresh the running job's beat, unless it has outlived RQ's hard time limit."""
+        """Refresh the beat of every job the worker holds, except those that outlived RQ's hard time limit."""
         with self.lock:
-            if not self.job_id:
-                return
-            ran = time.monotonic() - self.job_started_at
+            held = list(self.started_at.items())
+        for job_id, started_at in held:
+            ran = time.monotonic() - started_at
             if ran <= self.settings.hard_timeout:
-                reaper.beat(self.connection, self.job_id, self.worker.name, self.settings.lost_after)
-            elif not self.overdue_logged:
-                self.overdue_logged = True
+                reaper.beat(self.connection, job_id, self.worker.name, self.settings.lost_after)
+            elif job_id not in self.overdue_logged:
+                self.overdue_logged.add(job_id)
                 log.error("job %s has run %.0f s, past the hard time limit of %d s: the main thread is stuck; "
-                          "no more heartbeats, so the reaper will treat the job as lost", self.job_id, ran,
+                          "no more heartbeats, so the reaper will treat the job as lost", job_id, ran,
                           self.settings.hard_timeout)
 
     def run(self) -> None:
@@ -163,6 +177,9 @@ def _put_back(connection: redis.Redis, job_id: str, queue: Queue, exc: Exception
 
 
 class AudioWorker(SimpleWorker):
+    # RQ doubles its wait for Redis up to this (60 s by default); set from redis_retry_max_wait.
+    max_connection_wait_time = 2.0
+
     def __init__(self, queues: list[str], *, settings: Settings, engine: Engine, connection: redis.Redis,
                  name: str | None = None):
         super().__init__(queues, name=name, connection=connection, serializer=record.SERIALIZER,
@@ -170,6 +187,14 @@ class AudioWorker(SimpleWorker):
         self.settings = settings
         self.engine = engine
         self.maintenance = Maintenance(self)
+        self.max_connection_wait_time = settings.redis_retry_max_wait
+        self.backoff = Backoff(settings.redis_retry_max_wait)
+        self.max_jobs: int | None = None
+        self.jobs_taken = 0
+
+    def work(self, burst: bool = False, *args, max_jobs: int | None = None, **kwargs) -> bool:
+        self.max_jobs = max_jobs  # counted per job here: RQ's loop counts one per batch
+        return super().work(burst, *args, max_jobs=max_jobs, **kwargs)
 
     def register_birth(self) -> None:
         """RQ's, once a gone worker's registration under this name is cleared (``registration``)."""
@@ -196,36 +221,147 @@ class AudioWorker(SimpleWorker):
     def teardown(self) -> None:
         self.maintenance.stop()
         task.install(None)
-        super().teardown()
+        try:
+            super().teardown()
+        except AWAY as exc:  # the worker's hash expires by itself
+            log.warning("cannot register this worker's death: Redis is away (%s)", exc)
 
+    # ------------------------------------------------------------------ several jobs at once
     def execute_job(self, job: AudioJob, queue) -> None:
-        # Never below the longest job the settings allow (a producer's -1, "no limit", included):
-        # RQ's SIGALRM must stay a backstop behind the cooperative deadline.
-        job.timeout = max(job.timeout or 0, self.settings.hard_timeout)
-        self.maintenance.job_started(job.id)
-        try:
-            super().execute_job(job, queue)
-        except (SystemExit, KeyboardInterrupt):
-            self.resolve_after_cold_shutdown(job)
-            raise
-        finally:
-            with suppress(redis.RedisError):  # else the beat expires by itself after lost_after
-                self.maintenance.job_ended(job.id)
+        """Run ``job`` and every job taken while it runs as one batch (see ``worker.batch``)."""
+        Batch(self).run(job, queue, self.backoff.retry(lambda: self.claim(job, queue), f"claiming job {job.id}"))
+        if self.max_jobs is not None and self.jobs_taken >= self.max_jobs:
+            self.log.info("Worker %s: took %d jobs, quitting", self.name, self.jobs_taken)
+            self._stop_requested = True
+        self.backoff.retry(lambda: self.set_state(WorkerStatus.IDLE), "marking the worker idle")
 
-    def resolve_after_cold_shutdown(self, job: AudioJob) -> None:
-        """Treat the job like a SIGKILLed worker's: the reaper's ``resolve``, now rather than after lost_after."""
-        execution = self.execution  # still set: RQ's cleanup never ran
-        # The thread goes first (the worker is exiting anyway): its sweep would otherwise find the
-        # job beatless between these two steps and resolve it as a worker that stopped beating.
-        self.maintenance.stop()
+    @property
+    def stopping(self) -> bool:
+        """A warm shutdown was asked for: the batch finishes what it started and takes nothing more."""
+        return self._stop_requested
+
+    def may_take(self) -> bool:
+        return not self._stop_requested and (self.max_jobs is None or self.jobs_taken < self.max_jobs)
+
+    def queue_rank(self, queue) -> int:
+        return self.queue_names().index(queue.name)
+
+    def take(self) -> tuple[AudioJob, Queue, Execution] | None:
+        """The next waiting job (highest-priority queue first), claimed, or None; never blocks."""
+        while True:
+            try:
+                result = self.queue_class.dequeue_any(self.queues, None, connection=self.connection,
+                                                      job_class=self.job_class, serializer=self.serializer,
+                                                      death_penalty_class=self.death_penalty_class)
+            except Exception as exc:
+                if not hasattr(exc, "job_id") or isinstance(exc, AWAY):
+                    raise
+                self.fail_unreadable(exc.job_id, exc.queue, exc)
+                continue
+            if result is None:
+                return None
+            job, queue = result
+            self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
+            try:
+                return job, queue, self.claim(job, queue)
+            except AWAY as exc:
+                self.backoff.retry(lambda: self.release(job, queue, self.execution, dict(job.meta)),
+                                   f"putting job {job.id} back")
+                raise exc
+
+    def claim(self, job: AudioJob, queue) -> Execution:
+        """Start ``job`` as RQ's ``SimpleWorker`` does, with its own execution (started registry entry) and beat."""
+        # Never below the longest job the settings allow (a producer's -1, "no limit", included):
+        # the hard time limit must stay a backstop behind the cooperative deadline.
+        job.timeout = max(job.timeout or 0, self.settings.hard_timeout)
+        self.execution = None  # not the previous job's, should Redis fail before this one's exists
+        self.maintenance.job_started(job.id)
+        execution = self.prepare_execution(job)
         try:
-            self.maintenance.job_ended(job.id)
+            self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
+        except AWAY:
+            raise
+        except Exception:
+            # Only its last line can fail for the job's own sake: the process title reads the
+            # job's function name, which a garbled record lacks. The job is started by then;
+            # the batch refuses it by its own check and records why.
+            pass
+        self.connection.persist(job.key)  # as Job.perform does: a started job never expires
+        self.jobs_taken += 1
+        return execution
+
+    def finish(self, job: AudioJob, queue, execution: Execution, outcome, work: task.JobWork | None) -> None:
+        """Put one job's outcome on its record through RQ's own handlers, as ``perform_job`` does for one job.
+
+        ``outcome`` is the result dict, a ``Retry``, or the exception that ended the job
+        (which ``JobWork.failed`` turns into a ``Retry`` or a recorded ``JobFailed``). Redis
+        being away raises before anything is written (the ping), so the caller can retry;
+        RQ's failure handler would swallow it.
+        """
+        self.connection.ping()
+        if isinstance(outcome, BaseException) and work is not None and not isinstance(outcome, JobFailed):
+            try:
+                outcome = work.failed(outcome)
+            except JobFailed as failed:
+                outcome = failed
+        self.execution = execution  # RQ's handlers read the running job's execution from the worker
+        self.set_current_job_id(job.id)
+        registry = queue.started_job_registry
+        if isinstance(outcome, BaseException):
+            job._status = JobStatus.FAILED
+            self.handle_execution_ended(job, queue, job.failure_callback_timeout)
+            exc_info = (type(outcome), outcome, outcome.__traceback__)
+            self.handle_exception(job, *exc_info)
+            self.handle_job_failure(job, queue, registry, "".join(traceback.format_exception(*exc_info)))
+        else:
+            self.handle_execution_ended(job, queue, job.success_callback_timeout)
+            job._result = outcome
+            if isinstance(outcome, Retry):
+                self.handle_job_retry(job, queue, outcome, registry, execution)
+            else:
+                job._status = JobStatus.FINISHED
+                self.handle_job_success(job, queue, registry)
+                self.log.info("Worker %s: %s: Job OK (%s)", self.name, job.origin, job.id)
+        self.maintenance.job_ended(job.id)
+
+    def release(self, job: AudioJob, queue, execution: Execution | None, prior_meta: dict) -> None:
+        """Put a claimed job that never ran back at the front of its queue, its meta as before the claim."""
+        job.meta = dict(prior_meta)
+        job.started_at = None
+        with self.connection.pipeline() as pipe:
+            pipe.multi()
             if execution is not None:
-                reaper.resolve(self.connection, job.id, execution.id, self.settings,
-                               cause="was shut down (cold shutdown)")
-        except redis.RedisError as exc:
-            log.error("job %s: cannot resolve it after the cold shutdown (%s: %s); the reaper will once its "
-                      "heartbeat expires", job.id, type(exc).__name__, exc)
+                execution.delete(job, pipe)
+            queue.enqueue_job(job, pipeline=pipe, at_front=True)
+            pipe.execute()
+        self.maintenance.job_ended(job.id)
+        self.log.info("Worker %s: job %s put back on %s unrun", self.name, job.id, queue.name)
+
+    def abandon(self, job: AudioJob, execution: Execution) -> None:
+        """Cold shutdown: resolve a started job like a SIGKILLed worker's, now rather than after lost_after.
+
+        The thread stops first (the worker is exiting anyway): its sweep would otherwise find the
+        job beatless between these two steps and resolve it as a worker that stopped beating."""
+        self.maintenance.stop()
+        self.maintenance.job_ended(job.id)
+        reaper.resolve(self.connection, job.id, execution.id, self.settings, cause="was shut down (cold shutdown)")
+
+    def stop_beating(self, job_id: str) -> None:
+        self.maintenance.forget(job_id)
+
+    # ------------------------------------------------------------------ Redis being away
+    def heartbeat(self, *args, **kwargs) -> None:
+        """RQ's worker beat; while Redis is away there is nothing to beat (the worker's hash outlives a blip)."""
+        try:
+            super().heartbeat(*args, **kwargs)
+        except AWAY as exc:
+            self.log.debug("worker heartbeat skipped: Redis is away (%s)", exc)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        self.backoff.retry(lambda: super(AudioWorker, self).check_for_suspension(burst), "checking for suspension")
+
+    def run_maintenance_tasks(self) -> None:
+        self.backoff.retry(super().run_maintenance_tasks, "cleaning RQ's registries")
 
     def handle_exception(self, job: AudioJob, *exc_info) -> None:
         """Record failures the job function never saw (a refused job, RQ's hard timeout).
@@ -233,7 +369,7 @@ class AudioWorker(SimpleWorker):
         A ``JobFailed`` is an expected outcome (bad audio, missing object, ...) already on the
         job record, and an ``AudioqError`` here is a job ``AudioJob.func`` refused before
         anything ran (recorded now): one log line each, no traceback. A cold shutdown's
-        ``SystemExit`` goes back up to ``execute_job``, past RQ's failure handling. Anything
+        ``SystemExit`` goes back up to the batch, past RQ's failure handling. Anything
         else keeps RQ's full traceback log.
         """
         exc = exc_info[1]
@@ -258,19 +394,37 @@ class AudioWorker(SimpleWorker):
         super().handle_job_failure(job, queue, started_job_registry, exc_string)
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        """RQ's wait for the next job, riding out Redis being away and not quitting a burst too early.
+
+        A burst worker finding its queues empty waits for retries coming due soon, then
+        sweeps its queues for lost jobs (without the reaper's once-per-interval lock) and
+        goes on if that requeued one, so it never exits while a dead worker's job is "started".
+        """
         while True:
             try:
                 result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+                if result is not None or timeout is not None:
+                    self.backoff.succeeded()
+                    return result
+                if self.swept_lost_jobs():
+                    continue
+                if not self.retries_due_soon():
+                    return None
+            except AWAY as exc:  # AudioQueue put a half-read job back
+                time.sleep(self.backoff.failed(exc, "waiting for jobs"))
+                continue
             except Exception as exc:
-                # RQ tags every error raised while reading a dequeued job. Redis failing is not
-                # the job's fault (AudioQueue put the job back); anything else is its record's.
-                if not hasattr(exc, "job_id") or isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+                # RQ tags every error raised while reading a dequeued job: the job's record is at fault.
+                if not hasattr(exc, "job_id"):
                     raise
                 self.fail_unreadable(exc.job_id, exc.queue, exc)
                 continue
-            if result is not None or timeout is not None or not self.retries_due_soon():
-                return result
             time.sleep(TICK / 2)
+
+    def swept_lost_jobs(self) -> bool:
+        """Resolve lost jobs in this worker's queues now; whether one was requeued (there is work again)."""
+        outcomes = reaper.sweep(self.connection, self.queue_names(), self.settings, self.name, locked=False)
+        return "requeued" in outcomes.values()
 
     def fail_unreadable(self, job_id: str, queue, exc: Exception) -> None:
         """Fail a dequeued job whose hash RQ cannot parse, instead of letting the worker quit on it.
@@ -332,11 +486,14 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, burst: bo
         return 3
     started = time.perf_counter()
     try:
-        engine = Engine.load(settings.model)
+        # A job's clips are rows; the settings' memory budget is the engine's KV-cache bound.
+        engine = Engine.load(settings.model, max_rows=settings.batch_max_jobs,
+                             max_batch_tokens=settings.batch_token_budget)
     except AudioqError as exc:
         log.error("cannot load model %s: %s", settings.model, exc.message)
         return 3
     log.info("engine %s loaded in %.1f s", engine.model_id, time.perf_counter() - started)
+    log.info("warm-up (dummy clips through every stage and batch shape) took %.2f s", engine.warm_up())
     connection = connect(settings)
     # A name that says which Mac ran (or lost) a job; RQ's default is a random hex id.
     worker = AudioWorker(queues or settings.queues, settings=settings, engine=engine, connection=connection,

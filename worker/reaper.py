@@ -61,15 +61,17 @@ def beat(connection: redis.Redis, job_id: str, worker_name: str, lost_after: flo
     connection.set(record.beat_key(job_id), worker_name, px=int(lost_after * 1000))
 
 
-def sweep(connection: redis.Redis, queue_names: list[str], settings: Settings, worker_name: str) -> dict[str, str]:
-    """Resolve every lost job in ``queue_names``, skipping each queue some worker swept moments ago.
+def sweep(connection: redis.Redis, queue_names: list[str], settings: Settings, worker_name: str, *,
+          locked: bool = True) -> dict[str, str]:
+    """Resolve every lost job in ``queue_names``, skipping each queue some worker swept moments ago
+    (unless not ``locked``: a burst worker's last sweep before it exits; ``resolve`` is safe to race).
 
     Returns ``{job_id: "requeued" | "failed"}``.
     """
     outcomes = {}
     take_lock = connection.register_script(_TAKE_LOCK)
     for name in queue_names:
-        if take_lock(keys=[lock_key(name)], args=[worker_name, int(settings.heartbeat_interval * 1000)]):
+        if not locked or take_lock(keys=[lock_key(name)], args=[worker_name, int(settings.heartbeat_interval * 1000)]):
             outcomes.update(resolve_lost(connection, name, settings))
     return outcomes
 

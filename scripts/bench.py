@@ -1,0 +1,221 @@
+"""Benchmark the whole worker: a backlog of clips in a real S3 server, drained by one burst worker.
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
+        .venv/bin/python scripts/bench.py [--model DIR] [--clips 256] [--min-seconds 2] [--max-seconds 30] \\
+        [--max-new-tokens 64] [--batch 1 32] [--peer-python /tmp/vlmenv/bin/python] [--peer-clips 16] \\
+        [--json summary.json]
+
+Starts its own redis-server and moto's S3 server (nothing kept), uploads ``--clips`` WAVs of
+mixed length (``bench_common.synthetic_clip``: clip i lasts a seeded random 2-30 s), enqueues
+them through the producer (``Client.enqueue_many``), and drains the backlog with one burst
+``audioq worker`` subprocess per ``--batch`` value (``batch_max_jobs``; 1 is "batching off").
+For each it prints audio seconds per wall second, generated tokens per second, the per-stage
+split (summed over jobs), queue + storage overhead (the share of the backlog's wall time the
+engine was not running: between the first job's start and the last job's end, minus the
+time the worker's batches spent inside ``Engine.stream``), warm-up, and the worker's peak
+RSS and MLX memory. Without ``--model`` it builds a random checkpoint of ``--preset``
+(default ``e2b-audio``: the real audio-tower dimensions), mlx layout.
+
+With ``--peer-python`` (a separate venv with mlx-vlm 0.7.10, never an audioq dependency) it
+runs ``scripts/bench_peer_mlx_vlm.py`` on the first ``--peer-clips`` of the same clips, one at
+a time, and prints its throughput (model time only: no queue, no storage) and the ratio.
+Random weights: audioq stops at a stop id while mlx-vlm always generates ``--max-new-tokens``,
+so compare tokens per second as well as audio seconds per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]
+
+from bench_common import synthetic_clip  # noqa: E402
+from demo import free_port, start_redis  # noqa: E402
+
+WORKER_MODE = "--run-worker"
+STAGES = ("fetch", "decode_audio", "front_end", "audio_tower", "prefill", "generate", "write")
+BATCH_LINE = re.compile(r"batch: (\d+) jobs in ([\d.]+) s, ([\d.]+) s of it outside the engine")
+WARM_UP_LINE = re.compile(r"warm-up .* took ([\d.]+) s")
+
+
+def clip_lengths(count: int, low: float, high: float) -> list[float]:
+    return [round(float(s), 2) for s in np.random.default_rng(1234).uniform(low, high, count)]
+
+
+def start_s3() -> tuple[str, object]:
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return f"http://127.0.0.1:{port}", server
+
+
+def upload(endpoint: str, lengths: list[float]) -> list[str]:
+    import boto3
+    import soundfile as sf
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="bench")
+    uris = []
+    for i, seconds in enumerate(lengths):
+        body = io.BytesIO()
+        sf.write(body, synthetic_clip(seconds, i), 16000, format="WAV", subtype="PCM_16")
+        s3.put_object(Bucket="bench", Key=f"clips/{i:05d}.wav", Body=body.getvalue())
+        uris.append(f"s3://bench/clips/{i:05d}.wav")
+    return uris
+
+
+def drain(settings, uris: list[str], max_new_tokens: int, workdir: Path) -> dict:
+    """Enqueue the backlog, drain it with one burst worker subprocess, and summarise the records."""
+    import redis
+
+    from producer import Client
+
+    connection = redis.Redis.from_url(settings.redis_url)
+    connection.flushdb()
+    client = Client(settings, connection=connection)
+    started = time.perf_counter()
+    ids = [o.job_id for o in client.enqueue_many([{"audio_uri": u, "max_new_tokens": max_new_tokens} for u in uris])]
+    enqueue_seconds = time.perf_counter() - started
+    log_path = workdir / f"worker-{settings.batch_max_jobs}.log"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    with open(log_path, "w") as log:
+        subprocess.run([sys.executable, __file__, WORKER_MODE, settings.model_dump_json()], env=env, stdout=log,
+                       stderr=subprocess.STDOUT, check=True)
+    text = log_path.read_text()
+    memory = json.loads(text.rsplit("BENCH-WORKER ", 1)[1].splitlines()[0])
+    batches = [(int(n), float(wall), float(out)) for n, wall, out in BATCH_LINE.findall(text)]
+    jobs = client.status_many(ids)
+    states = {s.state for s in jobs}
+    assert states == {"finished"}, f"jobs not all finished: {sorted(states)}; see {log_path}"
+    results = [s.result for s in jobs]
+    first = min(j.started_at for j in jobs)
+    last = max(j.ended_at for j in jobs)
+    wall = (last - first).total_seconds()
+    in_engine = sum(b_wall - out for _, b_wall, out in batches)
+    audio = sum(r.audio_seconds for r in results)
+    tokens = sum(r.tokens for r in results)
+    return {
+        "batch_max_jobs": settings.batch_max_jobs, "jobs": len(ids), "audio_seconds": audio, "tokens": tokens,
+        "enqueue_seconds": enqueue_seconds, "backlog_wall_seconds": wall,
+        "audio_seconds_per_wall_second": audio / wall, "tokens_per_second": tokens / wall,
+        "stage_seconds": {s: sum(r.timings.get(s, 0.0) for r in results) for s in STAGES},
+        "queue_storage_overhead": max(0.0, wall - in_engine) / wall,
+        "batches": len(batches), "warm_up_seconds": float(WARM_UP_LINE.search(text).group(1)), **memory,
+    }
+
+
+def peer(python: str, model: str, lengths: list[float], max_new_tokens: int) -> dict:
+    out = subprocess.run([python, str(REPO / "scripts" / "bench_peer_mlx_vlm.py"), "--model", model, "--seconds",
+                          *map(str, lengths), "--max-new-tokens", str(max_new_tokens), "--repeat", "1", "--json"],
+                         check=True, capture_output=True, text=True).stdout
+    report = json.loads(out[out.index("{"):])
+    clips = report["clips"]
+    seconds = sum(c["front_end"] + c["audio_tower"] + c["prefill"] + c["decode"] for c in clips)
+    audio = sum(c["audio_seconds"] for c in clips)
+    tokens = sum(c["tokens"] for c in clips)
+    return {"system": report["system"], "clips": len(clips), "audio_seconds": audio, "model_seconds": seconds,
+            "audio_seconds_per_wall_second": audio / seconds, "tokens_per_second": tokens / seconds,
+            "peak_rss_mb": report["peak_rss_mb"], "peak_mlx_memory_mb": report["peak_mlx_memory_mb"]}
+
+
+def print_run(run: dict) -> None:
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in run["stage_seconds"].items())
+    print(f"batch_max_jobs {run['batch_max_jobs']}: {run['jobs']} jobs, {run['audio_seconds']:.0f} audio s in "
+          f"{run['backlog_wall_seconds']:.1f} s: {run['audio_seconds_per_wall_second']:.2f} audio s / wall s, "
+          f"{run['tokens_per_second']:.1f} tok/s; queue + storage overhead {run['queue_storage_overhead']:.1%}; "
+          f"warm-up {run['warm_up_seconds']:.2f} s; peak RSS {run['peak_rss_mb']:.0f} MB, "
+          f"MLX {run['peak_mlx_memory_mb']:.0f} MB\n    stage seconds (summed over jobs): {stages}")
+
+
+def run_worker_mode(settings_json: str) -> int:
+    from bench_common import memory
+    from producer.settings import Settings
+    from worker.process import run_worker
+
+    status = run_worker(Settings.model_validate_json(settings_json), burst=True)
+    print("BENCH-WORKER " + json.dumps(memory()), flush=True)
+    return status
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="checkpoint directory (default: build one of --preset)")
+    parser.add_argument("--preset", default="e2b-audio", help="scripts/make_tiny_checkpoint.py preset to build")
+    parser.add_argument("--clips", type=int, default=256)
+    parser.add_argument("--min-seconds", type=float, default=2.0)
+    parser.add_argument("--max-seconds", type=float, default=30.0)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch_max_jobs values to run")
+    parser.add_argument("--prefetch", type=int, default=4, help="prefetch_jobs")
+    parser.add_argument("--peer-python", help="python of a venv with mlx-vlm 0.7.10 (skipped without)")
+    parser.add_argument("--peer-clips", type=int, default=16, help="how many of the clips the peer runs")
+    parser.add_argument("--json", help="write the summary here")
+    args = parser.parse_args()
+
+    from producer.settings import load_settings
+
+    workdir = Path(tempfile.mkdtemp(prefix="audioq-bench-"))
+    redis_url, redis_server = start_redis(workdir)
+    endpoint, s3_server = start_s3()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
+    try:
+        model = args.model
+        if not model:
+            from make_tiny_checkpoint import build_checkpoint
+
+            model = str(build_checkpoint(workdir / "ckpt", args.preset, layout="mlx"))
+        lengths = clip_lengths(args.clips, args.min_seconds, args.max_seconds)
+        uris = upload(endpoint, lengths)
+        summary = {"model": model, "clips": args.clips, "clip_seconds": [args.min_seconds, args.max_seconds],
+                   "max_new_tokens": args.max_new_tokens, "runs": []}
+        for batch in args.batch:
+            settings = load_settings(environ={}, redis_url=redis_url, model=model, s3_endpoint_url=endpoint,
+                                     s3_region="us-east-1", s3_addressing_style="path", batch_max_jobs=batch,
+                                     prefetch_jobs=args.prefetch, default_max_new_tokens=args.max_new_tokens)
+            run = drain(settings, uris, args.max_new_tokens, workdir)
+            summary["runs"].append(run)
+            print_run(run)
+        if args.peer_python:
+            summary["peer"] = peer(args.peer_python, model, lengths[:args.peer_clips], args.max_new_tokens)
+            p = summary["peer"]
+            print(f"{p['system']}, one at a time, {p['clips']} clips: {p['audio_seconds_per_wall_second']:.2f} "
+                  f"audio s / s, {p['tokens_per_second']:.1f} tok/s (model time only); peak RSS "
+                  f"{p['peak_rss_mb']:.0f} MB")
+            for run in summary["runs"]:
+                run["ratio_to_peer"] = run["audio_seconds_per_wall_second"] / p["audio_seconds_per_wall_second"]
+                run["token_ratio_to_peer"] = run["tokens_per_second"] / p["tokens_per_second"]
+                print(f"batch_max_jobs {run['batch_max_jobs']} / peer: {run['ratio_to_peer']:.2f}x audio s/s, "
+                      f"{run['token_ratio_to_peer']:.2f}x tok/s")
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=2))
+        return 0
+    finally:
+        s3_server.stop()
+        redis_server.terminate()
+        redis_server.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == WORKER_MODE:
+        sys.exit(run_worker_mode(sys.argv[2]))
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""The jobs one worker holds at once, all fed into one ``Engine.stream``.
+
+A ``Batch`` starts with the job RQ's loop dequeued and then keeps taking jobs from the
+queues itself, non-blocking, whenever the engine has room (``feed``), so a job that arrives
+mid-batch, a high-priority one first, joins at the engine's next step. It holds:
+
+- jobs being *prepared* (claim, request checks, fetch, decode: ``JobWork.prepare``) in
+  threads, up to ``prefetch_jobs`` beyond what the engine runs, so storage never idles the
+  model (MLX work stays on this, the main, thread);
+- jobs whose clips *run* in the engine, at most ``batch_max_jobs``, and clips whose KV rows
+  (audio tokens + instruction + token budget) fit ``batch_token_budget`` together;
+- jobs whose result is being *written* (``JobWork.result``, outputs to storage) in a thread.
+
+Each job ends alone: a clip that fails fails its job only, and the job's other clips are
+dropped at their next stage hook. The RQ side (claim, finish through RQ's own handlers,
+release, resolve) is the worker's (``process.AudioWorker``); this module never touches
+RQ's records itself.
+
+The hard time limit (RQ's SIGALRM backstop) is armed whenever control goes back to the
+engine with clips in it, for the held job that has run longest; it fires inside the
+engine and becomes that clip's outcome (or, raised out of the stream, that job's).
+Redis being away never fails a job here: stage hooks skip their progress/cancel writes,
+threads retry their step, and finishing waits for Redis (``outage.Backoff``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from rq.timeouts import JobTimeoutException
+
+from producer.failures import AudioqError, FailureCode
+from worker import task
+from worker.gemma4.engine import ClipOutput, ClipRequest
+from worker.gemma4.features import audio_token_count
+from worker.outage import AWAY, Backoff
+
+if TYPE_CHECKING:
+    from rq.executions import Execution
+    from rq.queue import Queue
+
+    from worker.job import AudioJob
+    from worker.process import AudioWorker
+
+WAIT = 0.25  # seconds the main thread waits for a thread's step before it looks at the queues again
+POLL = 0.2  # seconds between looks at queues found empty, so a busy engine's steps do not each cost round trips
+
+log = logging.getLogger("audioq.worker")
+
+
+class JobEnded(Exception):
+    """Raised from a clip's stage hook once its job has ended: the engine drops the clip."""
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether an engine failure says the device ran out of memory (MLX raises RuntimeError for it)."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "bad_alloc" in text or "malloc" in text))
+
+
+def clip_cost(clip: ClipRequest) -> int:
+    """KV rows the clip may hold, in tokens: an upper bound (an instruction has no more tokens than characters)."""
+    audio = 0 if clip.samples is None else audio_token_count(clip.samples.size)
+    return audio + len(clip.instruction) + clip.max_new_tokens
+
+
+@dataclass(eq=False)
+class Held:
+    """One job of the batch, from claim to its outcome on the record."""
+
+    job: AudioJob
+    queue: Queue
+    execution: Execution
+    rank: tuple[int, int]  # (queue position, claim order): lower runs first
+    prior_meta: dict  # the meta before the claim, put back if the job is released unrun
+    claimed_at: float = field(default_factory=time.monotonic)
+    work: task.JobWork | None = None  # None: refused before any work (not an audioq job)
+    step: Future | None = None  # prepare or result, running in a thread
+    ready: bool = False  # prepared: its clips may go into the engine
+    started: bool = False  # a clip of it has gone into the engine
+    writing: bool = False  # its result step has been started
+    waiting: list[ClipRequest] = field(default_factory=list)  # taken from the work, not yet in the engine
+    in_engine: int = 0
+    ended: bool = False  # its outcome is known; it is leaving the batch
+
+
+class Batch:
+    def __init__(self, worker: AudioWorker):
+        self.worker = worker
+        self.settings = worker.settings
+        self.engine = worker.engine
+        self.held: list[Held] = []
+        self.claims = 0
+        self.in_flight: dict[int, tuple[Held, ClipRequest, ClipRequest, int]] = {}  # id(clip) → ...
+        self.tokens = 0  # clip_cost of the clips in the engine
+        self.row_cap = math.inf  # lowered when the engine runs out of memory
+        self.armed = False  # the hard time limit's timer is set
+        self.backoff = Backoff(self.settings.redis_retry_max_wait)
+        self.taking_again_at = 0.0
+        self.outside = 0.0  # seconds the main thread spent in feed and on_done: the engine's idle time
+        self.pool = ThreadPoolExecutor(max_workers=max(1, self.settings.prefetch_jobs),
+                                       thread_name_prefix="audioq-prefetch")
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, job: AudioJob, queue: Queue, execution: Execution) -> None:
+        """Run the first job and every job taken while it runs, until none is held and none is waiting."""
+        started = time.perf_counter()
+        try:
+            self.hold(job, queue, execution)
+            while self.held:
+                try:
+                    self.engine.stream(self.feed, self.on_done)
+                except JobTimeoutException as exc:  # the alarm fired outside any one clip's work
+                    self.disarm()
+                    self.hard_limit_outside_a_clip(exc)
+        except (SystemExit, KeyboardInterrupt):  # a cold shutdown
+            self.disarm()
+            self.abandon()
+            raise
+        finally:
+            self.disarm()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        log.info("batch: %d jobs in %.3f s, %.3f s of it outside the engine (queues, storage, records)",
+                 self.claims, time.perf_counter() - started, self.outside)
+
+    def feed(self, free: int) -> list[ClipRequest]:
+        """The engine asks for up to ``free`` clips: collect what threads finished, take jobs, hand out clips.
+
+        Waits (for a thread's step) only while the engine runs nothing; returns none once
+        nothing is held, which ends the stream.
+        """
+        self.disarm()
+        entered = time.perf_counter()
+        try:
+            return self.next_clips(free)
+        finally:
+            self.outside += time.perf_counter() - entered
+            self.arm()
+
+    def next_clips(self, free: int) -> list[ClipRequest]:
+        while True:
+            self.advance()
+            self.take(free)
+            clips = self.hand_out(free)
+            if clips:
+                return clips
+            if self.in_flight or not self.held:
+                return []
+            steps = [h.step for h in self.held if h.step is not None]
+            if steps:
+                wait(steps, timeout=WAIT, return_when=FIRST_COMPLETED)
+            else:
+                time.sleep(WAIT)
+
+    def on_done(self, clip: ClipRequest, outcome: ClipOutput | BaseException) -> None:
+        self.disarm()
+        entered = time.perf_counter()
+        try:
+            self.take_back(clip, outcome)
+        finally:
+            self.outside += time.perf_counter() - entered
+            self.arm()
+
+    def take_back(self, clip: ClipRequest, outcome: ClipOutput | BaseException) -> None:
+        held, original, _, cost = self.in_flight.pop(id(clip))
+        held.in_engine -= 1
+        self.tokens -= cost
+        if held.ended:
+            return
+        if isinstance(outcome, BaseException):
+            rows = self.rows_in_engine() + 1
+            if out_of_memory(outcome) and rows > 1:  # alone, the clip is too big for this worker: it fails
+                self.row_cap = max(1, rows // 2)
+                log.warning("job %s: the engine ran out of memory with %d rows; its clip runs again with at most %d "
+                            "rows at once", held.job.id, rows, self.row_cap)
+                held.waiting.insert(0, original)
+                return
+            self.end(held, outcome)
+            return
+        held.work.clip_done(original, outcome)
+        self.next_step(held)
+
+    # ------------------------------------------------------------------ taking and preparing jobs
+    def take(self, free: int) -> None:
+        """Take jobs from the queues (highest priority first) while the engine and the prefetch have room."""
+        if self.worker.stopping:
+            self.release_unstarted()
+            return
+        running = len({id(h) for h, *_ in self.in_flight.values()})
+        room = min(self.settings.batch_max_jobs, running + free) + self.settings.prefetch_jobs
+        while len(self.held) < room and time.monotonic() >= self.taking_again_at and self.worker.may_take():
+            try:
+                taken = self.worker.take()
+            except AWAY as exc:
+                self.taking_again_at = time.monotonic() + self.backoff.failed(exc, "taking jobs")
+                return
+            self.backoff.succeeded()
+            if taken is None:
+                self.taking_again_at = time.monotonic() + POLL
+                return
+            self.hold(*taken)
+
+    def hold(self, job: AudioJob, queue: Queue, execution: Execution) -> None:
+        self.claims += 1
+        held = Held(job, queue, execution, (self.worker.queue_rank(queue), self.claims), prior_meta=dict(job.meta))
+        self.held.append(held)
+        try:
+            job.func  # noqa: B018 - refuses what is not an audioq job (worker.job.AudioJob)
+            request = job.args[0]
+        except Exception as exc:
+            self.end(held, exc)
+            return
+        held.work = task.JobWork(job, request, task.resident())
+        held.step = self.pool.submit(self.riding_out, held.work.prepare, f"preparing job {job.id}")
+
+    def riding_out(self, step, doing: str) -> Any:
+        """A thread's step, run again while Redis is away (it claims, records progress, writes the result)."""
+        return Backoff(self.settings.redis_retry_max_wait).retry(step, doing)
+
+    def advance(self) -> None:
+        """Take in what the threads finished: a prepared job gets its clips, a written result ends its job."""
+        for held in list(self.held):
+            if held.step is None or not held.step.done() or held.ended:
+                continue
+            step, held.step = held.step, None
+            exc = step.exception()
+            if exc is not None:
+                self.end(held, exc)
+            elif held.writing:
+                self.end(held, step.result())
+            else:
+                held.ready = True
+                if not self.worker.stopping:  # else it goes back unrun (release_unstarted)
+                    self.next_step(held)
+
+    def next_step(self, held: Held) -> None:
+        """After a job was prepared or got an output back: write its result, or queue its next clips."""
+        if held.work.complete:
+            held.writing = True
+            held.step = self.pool.submit(self.riding_out, held.work.result, f"writing the result of job {held.job.id}")
+            return
+        held.waiting += held.work.clips()
+        if not held.waiting and not held.in_engine:
+            self.end(held, AudioqError(FailureCode.MODEL_ERROR, "the job has no clip left to run but no result"))
+
+    # ------------------------------------------------------------------ the engine's side
+    def rows_in_engine(self) -> int:
+        return len(self.in_flight)
+
+    def hand_out(self, free: int) -> list[ClipRequest]:
+        """Clips for the engine, highest-priority job first, within the row, job and token budgets.
+
+        Stops at the first clip that does not fit rather than letting a smaller, later one
+        pass it, so a long clip is never starved; a clip over the whole budget runs alone.
+        """
+        rows = min(free, self.row_cap - self.rows_in_engine())
+        running = {id(h) for h, *_ in self.in_flight.values()}
+        handed: list[ClipRequest] = []
+        for held in sorted((h for h in self.held if h.ready and h.waiting and not h.ended), key=lambda h: h.rank):
+            if id(held) not in running and len(running) >= self.settings.batch_max_jobs:
+                break
+            while held.waiting and len(handed) < rows:
+                cost = clip_cost(held.waiting[0])
+                if self.tokens + cost > self.settings.batch_token_budget and (self.in_flight or handed):
+                    return handed
+                original = held.waiting.pop(0)
+                clip = ClipRequest(original.samples, original.instruction, original.max_new_tokens,
+                                   self.hook_for(held, original), original.tag)
+                self.in_flight[id(clip)] = (held, original, clip, cost)
+                self.tokens += cost
+                held.in_engine += 1
+                held.started = True
+                running.add(id(held))
+                handed.append(clip)
+            if len(handed) >= rows:
+                break
+        return handed
+
+    def hook_for(self, held: Held, clip: ClipRequest):
+        """The clip's own check point (its job's deadline and cancel), minus Redis being away, plus the job's end."""
+        own = clip.on_stage
+
+        def hook(stage: str) -> None:
+            if held.ended:
+                raise JobEnded(f"job {held.job.id} has ended")
+            if own is None:
+                return
+            try:
+                own(stage)
+            except AWAY:
+                pass  # progress and the cancel check wait for Redis; the deadline was checked first
+
+        return hook
+
+    def arm(self) -> None:
+        """RQ's hard time limit, for the held job in the engine that has run longest (none: nothing runs).
+
+        A timer to the fraction of a second, not RQ's whole-second ``alarm``: it is re-armed
+        at every step, and rounding up each time would push it back for ever.
+        """
+        if not self.in_flight:
+            return
+        oldest = min((h for h, *_ in self.in_flight.values()), key=lambda h: h.claimed_at)
+        left = self.settings.hard_timeout - (time.monotonic() - oldest.claimed_at)
+        signal.signal(signal.SIGALRM, self.hard_limit)
+        signal.setitimer(signal.ITIMER_REAL, max(left, 0.001))
+        self.armed = True
+
+    def disarm(self) -> None:
+        if self.armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            self.armed = False
+
+    def hard_limit(self, signum, frame) -> None:
+        raise JobTimeoutException(f"Task exceeded maximum timeout value ({self.settings.hard_timeout} seconds)")
+
+    def hard_limit_outside_a_clip(self, exc: JobTimeoutException) -> None:
+        """The alarm went off between clips' own work: the oldest running job fails; the others' clips run again."""
+        running = [h for h, *_ in self.in_flight.values()]
+        for held, original, _, cost in self.in_flight.values():
+            held.in_engine -= 1
+            held.waiting.insert(0, original)
+        self.in_flight.clear()
+        self.tokens = 0
+        if running:
+            self.end(min(running, key=lambda h: h.claimed_at), exc)
+
+    # ------------------------------------------------------------------ ending jobs
+    def end(self, held: Held, outcome: Any) -> None:
+        """The job's outcome (result dict, ``Retry`` or exception) goes on its record through RQ; it leaves the batch."""
+        held.ended = True
+        self.held.remove(held)
+        try:
+            self.backoff.retry(lambda: self.worker.finish(held.job, held.queue, held.execution, outcome, held.work),
+                               f"finishing job {held.job.id}")
+        except Exception:  # its beat stops, so the reaper resolves it; the batch goes on
+            log.exception("job %s: its outcome could not be recorded; the reaper will resolve it", held.job.id)
+            self.worker.stop_beating(held.job.id)
+
+    def release_unstarted(self) -> None:
+        """Warm shutdown: jobs claimed ahead but not started go back to the front of their queues, unrun."""
+        for held in sorted(self.held, key=lambda h: h.rank, reverse=True):
+            if held.started or held.ended or held.step is not None:
+                continue  # started jobs finish; a job still preparing is released once its thread is done
+            held.ended = True
+            self.backoff.retry(lambda: self.worker.release(held.job, held.queue, held.execution, held.prior_meta),
+                               f"putting job {held.job.id} back")
+            self.held.remove(held)
+
+    def abandon(self) -> None:
+        """Cold shutdown: unstarted jobs go back unrun; started ones are resolved as lost (requeued or worker_lost)."""
+        order = sorted((h for h in self.held if not h.ended), key=lambda h: h.rank, reverse=True)
+        for held in [h for h in order if not h.started] + [h for h in order if h.started]:
+            try:
+                if held.started:
+                    self.worker.abandon(held.job, held.execution)
+                else:
+                    self.worker.release(held.job, held.queue, held.execution, held.prior_meta)
+            except AWAY as exc:
+                log.error("job %s: Redis is away during the cold shutdown (%s); the reaper resolves it once its "
+                          "heartbeat expires", held.job.id, exc)
+
