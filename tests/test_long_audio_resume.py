@@ -78,7 +78,8 @@ def uninterrupted(redis_url, redis_conn, engine, request: dict) -> dict:
 def test_a_sigkilled_workers_long_job_resumes_at_its_first_unfinished_chunk(redis_url, redis_conn, engine,
                                                                            tiny_checkpoint, talk, tmp_path, procs,
                                                                            report):
-    settings = worker_settings(redis_url, model=str(tiny_checkpoint()), lost_after=2.0, **CHUNK)
+    # One row at a time, so chunks finish one after another (a batch finishes them together).
+    settings = worker_settings(redis_url, model=str(tiny_checkpoint()), lost_after=2.0, batch_max_jobs=1, **CHUNK)
     pair = [start_worker(settings, tmp_path / f"worker{i}.log", max_jobs=1) for i in range(2)]
     procs.extend(pair)
     # Both load the model before the job exists (a loaded 2-core machine may need a while).
