@@ -184,7 +184,11 @@ class Batch:
                 return
             self.end(held, outcome)
             return
-        held.work.clip_done(original, outcome)
+        try:  # saving a chunk writes to Redis: ridden out while Redis is away, like every record write
+            self.backoff.retry(lambda: held.work.clip_done(original, outcome), f"saving a chunk of job {held.job.id}")
+        except Exception as exc:
+            self.end(held, exc)
+            return
         self.next_step(held)
 
     # ------------------------------------------------------------------ taking and preparing jobs
@@ -242,11 +246,16 @@ class Batch:
 
     def next_step(self, held: Held) -> None:
         """After a job was prepared or got an output back: write its result, or queue its next clips."""
-        if held.work.complete:
-            held.writing = True
-            held.step = self.pool.submit(self.riding_out, held.work.result, f"writing the result of job {held.job.id}")
+        try:
+            if held.work.complete:
+                held.writing = True
+                held.step = self.pool.submit(self.riding_out, held.work.result,
+                                             f"writing the result of job {held.job.id}")
+                return
+            held.waiting += held.work.clips()
+        except Exception as exc:  # the job's own next step failed (its answer turn over budget, ...): it alone ends
+            self.end(held, exc)
             return
-        held.waiting += held.work.clips()
         if not held.waiting and not held.in_engine:
             self.end(held, AudioqError(FailureCode.MODEL_ERROR, "the job has no clip left to run but no result"))
 
