@@ -105,7 +105,9 @@ def drain(settings, uris: list[str], max_new_tokens: int, workdir: Path) -> dict
     batches = [(int(n), float(wall), float(out)) for n, wall, out in BATCH_LINE.findall(text)]
     jobs = client.status_many(ids)
     states = {s.state for s in jobs}
-    assert states == {"finished"}, f"jobs not all finished: {sorted(states)}; see {log_path}"
+    failures = sorted({f"{s.failure.code.value}: {s.failure.message}" for s in jobs if s.failure})
+    assert states == {"finished"}, (f"jobs not all finished: {sorted(states)}; first failures: {failures[:3]}; "
+                                    f"worker log: {log_path}")
     results = [s.result for s in jobs]
     first = min(j.started_at for j in jobs)
     last = max(j.ended_at for j in jobs)
