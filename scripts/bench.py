@@ -2,7 +2,7 @@
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
         .venv/bin/python scripts/bench.py [--model DIR] [--clips 256] [--min-seconds 2] [--max-seconds 30] \\
-        [--max-new-tokens 64] [--batch 1 32] [--peer-python /tmp/vlmenv/bin/python] [--peer-clips 16] \\
+        [--max-new-tokens 64] [--batch 1 32] [--token-budget 32768] [--peer-python /tmp/vlmenv/bin/python] [--peer-clips 16] \\
         [--json summary.json]
 
 Starts its own redis-server and moto's S3 server (nothing kept), uploads ``--clips`` WAVs of
@@ -168,6 +168,8 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch_max_jobs values to run")
     parser.add_argument("--prefetch", type=int, default=4, help="prefetch_jobs")
+    parser.add_argument("--token-budget", type=int, default=32768,
+                        help="batch_token_budget: KV rows the running clips may hold (a GPU takes far more)")
     parser.add_argument("--peer-python", help="python of a venv with mlx-vlm 0.7.10 (skipped without)")
     parser.add_argument("--peer-clips", type=int, default=16, help="how many of the clips the peer runs")
     parser.add_argument("--json", help="write the summary here")
@@ -192,7 +194,7 @@ def main() -> int:
         for batch in args.batch:
             settings = load_settings(environ={}, redis_url=redis_url, model=model, s3_endpoint_url=endpoint,
                                      s3_region="us-east-1", s3_addressing_style="path", batch_max_jobs=batch,
-                                     prefetch_jobs=args.prefetch, default_max_new_tokens=args.max_new_tokens)
+                                     batch_token_budget=args.token_budget, prefetch_jobs=args.prefetch, default_max_new_tokens=args.max_new_tokens)
             run = drain(settings, uris, args.max_new_tokens, workdir)
             summary["runs"].append(run)
             print_run(run)

@@ -190,11 +190,14 @@ def test_a_cold_shutdown_mid_job_resolves_the_job_as_a_sigkill_would(redis_url, 
     """Second SIGTERM: the same outcome as a SIGKILL (requeued at the front while lost_job_retries
     allows, else failed as worker_lost), but at once rather than after lost_after."""
     settings = liveness_settings(redis_url, model=model, lost_job_retries=lost_job_retries,
-                                 batch_max_jobs=1)  # "behind" is not in the engine yet
+                                 batch_max_jobs=1)
     (worker,) = start_idle_workers(redis_conn, settings, tmp_path, procs, 1)
     job = enqueue(redis_conn, long_request(KILLED_RUN))
-    behind = enqueue(redis_conn, long_request(SHORT_RUN), job_id="behind")
     wait_for(lambda: stage_of(job) == "generate", what="the job to be generating")
+    # Enqueued once the job holds the engine's one slot, "behind" never starts: claimed ahead
+    # (or still queued), it must end up back on the queue, unrun. Enqueued together, it could
+    # be prepared first and run first, and a started job is resolved as lost like the other.
+    behind = enqueue(redis_conn, long_request(SHORT_RUN), job_id="behind")
     worker.send_signal(signal.SIGTERM)  # warm: the job goes on
     time.sleep(1.2)  # RQ ignores a second signal within a second of the first
     assert stage_of(job) == "generate"
