@@ -168,7 +168,10 @@ def test_engine_matches_transformers(pair, seconds, report):
     # Two independent float32 computations each sit about one noise floor from the float64
     # truth; the max over the vocabulary fluctuates, so "as close as float32 gets" is
     # checked as within 3x of transformers' own float32 distance (the ratio is reported).
-    assert ours_delta <= 3 * max(noise, 1e-6), (ours_delta, noise)
+    # Below 32 ulps of the largest logit the ratio is rounding noise that moves with the
+    # CPU's kernels (x2.3 on CI's machine, x3.1 on another for the same 0.5 s clip).
+    floor = 32 * float(np.spacing(np.float32(np.abs(l64).max())))
+    assert ours_delta <= 3 * max(noise, floor), (ours_delta, noise, floor)
 
     # Greedy tokens
     ref_tokens, gaps = ref.greedy(ids, feats, mask, NEW_TOKENS)

@@ -36,6 +36,7 @@ from worker.gemma4.loader import LoadedModel, load_model
 from worker.gemma4.projector import valid_rows
 from worker.gemma4.prompt import PromptBuilder
 from worker.gemma4.scheduler import Row, Scheduler, check_limits, pack
+from worker.gemma4.shapes import tower_length
 
 StageHook = Callable[[str], None]
 WARM_UP_SECONDS = (1.0, 2.5, 30.0, 7.0, 0.5)  # alone, then joining a running batch two at a time
@@ -128,7 +129,8 @@ class Engine:
                ) -> tuple[list[mx.array], dict[str, float]]:
         """Audio soft-token rows [n_i, H] per clip: front-end, tower and projector as one batch."""
         started = time.perf_counter()
-        features, mask = log_mel([c.astype(np.float32, copy=False) for c in clips])
+        features, mask = log_mel([c.astype(np.float32, copy=False) for c in clips],
+                                 tower_length(max(c.size for c in clips)))
         mx.eval(features, mask)
         front_end = time.perf_counter()
         if on_stage is not None:
@@ -172,7 +174,7 @@ class Engine:
                 audio.append((clip, count))
             except Exception as exc:
                 on_done(clip, exc)
-        sizes = [clip.samples.size for clip, _ in audio]
+        sizes = [tower_length(clip.samples.size) for clip, _ in audio]
         for group in pack(sizes, max_padded=self.encode_rows * MAX_SAMPLES, max_count=self.encode_rows):
             rows += self._encoded([audio[i] for i in group], stop, on_done, stats)
         return rows
@@ -180,7 +182,8 @@ class Engine:
     def _encoded(self, group: list[tuple[ClipRequest, int]], stop: frozenset[int], on_done: DoneHook,
                  stats: dict[str, float]) -> list[Row]:
         started = time.perf_counter()
-        features, mask = log_mel([c.samples.astype(np.float32, copy=False) for c, _ in group])
+        features, mask = log_mel([c.samples.astype(np.float32, copy=False) for c, _ in group],
+                                 tower_length(max(c.samples.size for c, _ in group)))
         mx.eval(features, mask)
         front_end = time.perf_counter() - started
         live = []
@@ -298,10 +301,12 @@ class Engine:
         """Run dummy clips through every stage and batch shape kind; returns the seconds taken.
 
         MLX compiles kernels on first use (CUDA) and builds shaders (Metal); a job should not
-        pay for that. Kernels are specialised by dtype, rank and layout rather than by exact
-        size, so what has to be covered is each kind of call: one clip alone, a padded tower
-        batch, a left-padded prefill batch past the sliding window, rows joining a running
-        batch and leaving it at different steps (docs/design.md, "Batching").
+        pay for that. MLX's own kernels are specialised by dtype, rank and layout rather than
+        by exact size, so what has to be covered is each kind of call: one clip alone, a
+        padded tower batch, a left-padded prefill batch past the sliding window, rows joining
+        a running batch and leaving it at different steps (docs/design.md, "Batching").
+        cuDNN's convolution plans are per shape: those are built as tower shapes first occur,
+        a few dozen in all (``shapes.py``).
         """
         started = time.perf_counter()
         rng = np.random.default_rng(0)

@@ -86,16 +86,17 @@ def _check_length(num_samples: int) -> None:
         )
 
 
-def log_mel(waves: list[np.ndarray]) -> tuple[mx.array, mx.array]:
+def log_mel(waves: list[np.ndarray], length: int = 0) -> tuple[mx.array, mx.array]:
     """Log-mel features of a batch of mono 16 kHz clips.
 
     Args:
         waves: 1-D float arrays (float32 in [-1, 1]), each at most MAX_SAMPLES long.
+        length: pad the batch to at least this many samples (a shape bucket, ``shapes.py``).
 
     Returns:
         features: [B, T, N_MELS] float32, ln(mel + 1e-3), exactly 0.0 on invalid frames.
         mask: [B, T] bool, True where the frame's window is inside the clip (a prefix).
-        T = (ceil(max_len / 128) * 128 - 161) // 160 + 1 (0 if the batch is shorter).
+        T = (ceil(max(max_len, length) / 128) * 128 - 161) // 160 + 1 (0 if the batch is shorter).
     """
     if len(waves) == 0:
         raise ValueError("log_mel needs at least one clip")
@@ -106,7 +107,7 @@ def log_mel(waves: list[np.ndarray]) -> tuple[mx.array, mx.array]:
         _check_length(clip.shape[0])
 
     lengths = [clip.shape[0] for clip in clips]
-    padded_len = -(-max(lengths) // PAD_MULTIPLE) * PAD_MULTIPLE
+    padded_len = -(-max(*lengths, length) // PAD_MULTIPLE) * PAD_MULTIPLE
     num_frames = max(0, (padded_len + LEFT_PAD - UNFOLD) // HOP_LENGTH + 1)
 
     batch = np.zeros((len(clips), LEFT_PAD + padded_len), dtype=np.float32)
