@@ -106,6 +106,28 @@ def test_a_high_priority_job_joins_the_running_batch_instead_of_waiting_for_it_t
     assert ended[urgent.id] < max(ended[job_id] for job_id in taken)
 
 
+def test_a_jobs_deadline_counts_its_own_share_of_the_batch_not_its_wait_for_the_others(
+        redis_url, redis_conn, engine, requests):
+    """One job in the engine at a time, seven claimed at once: the last waits for six others, far
+    longer than its whole budget, and still finishes; the first runs past the budget on its own
+    and times out alone."""
+    budget = 5.0
+    settings = worker_settings(redis_url, batch_max_jobs=1, prefetch_jobs=6, job_timeout_base=budget,
+                               job_timeout_per_audio_second=0.0)
+    overrun = enqueue(redis_conn, requests["long"](2048))  # ~13 s alone
+    queued = [enqueue(redis_conn, requests["long"](300), job_id=f"queued-{n}") for n in range(6)]  # ~2 s each
+    run_burst(settings, engine)
+
+    overrun = fetch(redis_conn, overrun.id)
+    assert overrun.get_status() == "failed" and failure_code(overrun) == "timeout"
+    assert f"past its budget of {budget:.1f} s" in overrun.get_meta()[record.META_FAILURE]["message"]
+    for job in queued:
+        job = fetch(redis_conn, job.id)
+        assert job.get_status() == "finished" and job.return_value()["tokens"] == 300
+    last = fetch(redis_conn, queued[-1].id)
+    assert (last.ended_at - last.started_at).total_seconds() > 2 * budget  # it did wait past its budget
+
+
 def test_a_worker_sigkilled_mid_batch_loses_none_of_its_jobs(redis_url, redis_conn, model, requests, tmp_path,
                                                              procs):
     """Every job the dead worker held is resolved on its own (here, lost_job_retries 0: worker_lost);

@@ -16,9 +16,11 @@ dropped at their next stage hook. The RQ side (claim, finish through RQ's own ha
 release, resolve) is the worker's (``process.AudioWorker``); this module never touches
 RQ's records itself.
 
-The hard time limit (RQ's SIGALRM backstop) is armed whenever control goes back to the
-engine with clips in it, for the held job that has run longest; it fires inside the
-engine and becomes that clip's outcome (or, raised out of the stream, that job's).
+A job's deadline counts its own share of the batch's time (``share_time``), not the wall
+time since its claim. The hard time limit (RQ's SIGALRM backstop) is armed whenever control
+goes back to the engine with clips in it, for the job in it that has run longest on that
+count; it fires inside the engine and becomes that clip's outcome (or, raised out of the
+stream, that job's).
 Redis being away never fails a job here: stage hooks skip their progress/cancel writes,
 threads retry their step, and finishing waits for Redis (``outage.Backoff``).
 """
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
 
 WAIT = 0.25  # seconds the main thread waits for a thread's step before it looks at the queues again
 POLL = 0.2  # seconds between looks at queues found empty, so a busy engine's steps do not each cost round trips
+SHARE_TICK = 0.05  # seconds between charges of the engine's time to the jobs in it, from the clips' hooks
 
 log = logging.getLogger("audioq.worker")
 
@@ -69,6 +72,11 @@ def clip_cost(clip: ClipRequest) -> int:
     """KV rows the clip may hold, in tokens: an upper bound (an instruction has no more tokens than characters)."""
     audio = 0 if clip.samples is None else audio_token_count(clip.samples.size)
     return audio + len(clip.instruction) + clip.max_new_tokens
+
+
+def charged(held: Held) -> float:
+    """Seconds the job has run on its own account (``JobRun.elapsed``; since its claim before it has work)."""
+    return held.work.run.elapsed() if held.work is not None else time.monotonic() - held.claimed_at
 
 
 @dataclass(eq=False)
@@ -105,6 +113,7 @@ class Batch:
         self.backoff = Backoff(self.settings.redis_retry_max_wait)
         self.taking_again_at = 0.0
         self.outside = 0.0  # seconds the main thread spent in feed and on_done: the engine's idle time
+        self.shared_at = time.monotonic()  # when time was last charged to the held jobs (share_time)
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.settings.prefetch_jobs),
                                        thread_name_prefix="audioq-prefetch")
 
@@ -137,6 +146,7 @@ class Batch:
         nothing is held, which ends the stream.
         """
         self.disarm()
+        self.share_time()
         entered = time.perf_counter()
         try:
             return self.next_clips(free)
@@ -161,6 +171,7 @@ class Batch:
 
     def on_done(self, clip: ClipRequest, outcome: ClipOutput | BaseException) -> None:
         self.disarm()
+        self.share_time()
         entered = time.perf_counter()
         try:
             self.take_back(clip, outcome)
@@ -301,6 +312,8 @@ class Batch:
                 raise JobEnded(f"job {held.job.id} has ended")
             if own is None:
                 return
+            if time.monotonic() - self.shared_at >= SHARE_TICK:
+                self.share_time()
             try:
                 own(stage)
             except AWAY:
@@ -308,16 +321,35 @@ class Batch:
 
         return hook
 
+    def share_time(self) -> None:
+        """Charge each held job its share of the time since the last charge; the rest it waited for others.
+
+        A job in the engine is charged the fraction of the engine's rows that are its own; a
+        job prepared but waiting for room, nothing; a job whose own step (fetch and decode,
+        writing its result) runs in a thread, all of it. So a job's deadline measures its own
+        work, not the size of the batch it landed in (docs/design.md, "Several jobs at once").
+        """
+        now = time.monotonic()
+        elapsed, self.shared_at = now - self.shared_at, now
+        rows: dict[int, int] = {}
+        for held, *_ in self.in_flight.values():
+            rows[id(held)] = rows.get(id(held), 0) + 1
+        total = sum(rows.values())
+        for held in self.held:
+            if held.work is None or held.ended or held.step is not None:
+                continue
+            share = rows.get(id(held), 0) / total if total else 0.0
+            held.work.run.waited += elapsed * (1.0 - share)
+
     def arm(self) -> None:
-        """RQ's hard time limit, for the held job in the engine that has run longest (none: nothing runs).
+        """RQ's hard time limit, for the job in the engine that has run longest on its own count (none: nothing runs).
 
         A timer to the fraction of a second, not RQ's whole-second ``alarm``: it is re-armed
         at every step, and rounding up each time would push it back for ever.
         """
         if not self.in_flight:
             return
-        oldest = min((h for h, *_ in self.in_flight.values()), key=lambda h: h.claimed_at)
-        left = self.settings.hard_timeout - (time.monotonic() - oldest.claimed_at)
+        left = self.settings.hard_timeout - max(charged(h) for h, *_ in self.in_flight.values())
         signal.signal(signal.SIGALRM, self.hard_limit)
         signal.setitimer(signal.ITIMER_REAL, max(left, 0.001))
         self.armed = True
@@ -340,7 +372,7 @@ class Batch:
         self.in_flight.clear()
         self.tokens = 0
         if running:
-            self.end(min(running, key=lambda h: h.claimed_at), exc)
+            self.end(max(running, key=charged), exc)
 
     # ------------------------------------------------------------------ ending jobs
     def end(self, held: Held, outcome: Any) -> None:

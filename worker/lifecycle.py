@@ -55,6 +55,7 @@ class JobRun:
         self.settings = settings
         self.worker = worker
         self.started = time.monotonic()
+        self.waited = 0.0  # seconds not charged to the job: it waited for other jobs of its batch
         self.attempt = int(job.meta.get(record.META_ATTEMPT, 0)) + 1
         self.audio_seconds: float | None = None
         self.current: tuple | None = None  # the stage and progress last written
@@ -65,10 +66,14 @@ class JobRun:
         """Seconds this job may run (``Settings.job_budget`` of its audio, once decoded)."""
         return self.settings.job_budget(self.audio_seconds)
 
+    def elapsed(self, now: float | None = None) -> float:
+        """Seconds charged to the job: since its claim, less what it waited for the other jobs of its batch."""
+        return (time.monotonic() if now is None else now) - self.started - self.waited
+
     @property
     def deadline(self) -> float:
-        """``time.monotonic()`` at which the budget runs out: storage stops waiting there."""
-        return self.started + self.budget
+        """``time.monotonic()`` at which the budget runs out if the job waits no more: storage stops waiting there."""
+        return self.started + self.waited + self.budget
 
     def claim(self) -> None:
         """Count the attempt and drop the previous attempt's failure, then enter ``claimed``."""
@@ -83,11 +88,13 @@ class JobRun:
         written when the stage or any of them changes.
         """
         now = time.monotonic()
-        if now - self.started > self.budget:
+        if self.elapsed(now) > self.budget:
             s = self.settings
             seconds = "the longest allowed" if self.audio_seconds is None else f"{self.audio_seconds:.1f} s of"
+            shared = (f" ({now - self.started:.1f} s since its claim, {self.waited:.1f} s of them its batch's "
+                      f"other jobs' share)" if self.waited >= 0.05 else "")
             raise AudioqError(FailureCode.TIMEOUT,
-                              f"the job ran {now - self.started:.1f} s, past its budget of {self.budget:.1f} s "
+                              f"the job ran {self.elapsed(now):.1f} s{shared}, past its budget of {self.budget:.1f} s "
                               f"(job_timeout_base {s.job_timeout_base:g} s + {s.job_timeout_per_audio_second:g} s "
                               f"per second of audio, for {seconds} audio), at stage {name}")
         position = (name, *sorted(where.items()))
