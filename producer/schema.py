@@ -118,7 +118,8 @@ class JobRequest(BaseModel):
         return self
 
     def limit_problems(self, settings: "Settings") -> list[str]:
-        """What in this request is longer than the settings allow (``TEXT_LIMITS``); empty when nothing is.
+        """What in this request is longer than the settings allow (``TEXT_LIMITS``, and the whole
+        request's size, which bounds the metadata and URIs too); empty when nothing is.
 
         The producer checks this before enqueueing and the worker again before it downloads
         anything, since a record may come from elsewhere. (The prompt's token count needs the
@@ -129,6 +130,10 @@ class JobRequest(BaseModel):
             value, limit = getattr(self, name), getattr(settings, setting)
             if value is not None and len(value) > limit:
                 problems.append(f"{name} is {len(value)} characters; at most {limit} are allowed ({setting})")
+        size = len(json.dumps(self.model_dump(mode="json"), ensure_ascii=False, separators=(",", ":")).encode())
+        if size > settings.max_request_bytes and not problems:  # else a field over its own limit says why
+            problems.append(f"the request is {size} bytes as JSON, metadata included; at most "
+                            f"{settings.max_request_bytes} are allowed (max_request_bytes)")
         return problems
 
     def derived_job_id(self) -> str:

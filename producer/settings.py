@@ -72,6 +72,7 @@ class Settings(BaseModel):
     max_new_tokens_limit: int = Field(2048, ge=1)
     max_prompt_chars: int = Field(4000, ge=1, description="characters of a prompt task's prompt")
     max_language_chars: int = Field(64, ge=1, description="characters of language and target_language")
+    max_request_bytes: int = Field(65536, ge=1024, description="bytes of a whole request as JSON, metadata included")
     max_prompt_tokens: int = Field(1024, ge=1, description="tokens of the instruction the model reads")
     job_timeout_base: float = Field(120.0, gt=0, description="seconds, plus per audio second")
     job_timeout_per_audio_second: float = Field(4.0, ge=0)

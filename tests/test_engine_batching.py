@@ -136,6 +136,15 @@ def test_a_clip_larger_than_the_token_budget_runs_alone(engine, waves):
     assert [outputs[i].tokens for i in range(2)] == [engine.run([c])[0].tokens for c in clips]
 
 
+def test_tower_batches_padded_to_shape_buckets_give_the_same_tokens(engine, waves, alone):
+    """What the engine does on CUDA (``tower_buckets``), here on the CPU: only padding changes."""
+    bucketed = Engine(engine.model, tower_buckets=True)
+    clips = [ClipRequest(w, "Transcribe this audio.", NEW_TOKENS) for w in waves]
+    outputs = []
+    bucketed.stream(feeder(clips), lambda clip, out: outputs.append((clips.index(clip), out)), stop_ids=())
+    assert [out.tokens for _, out in sorted(outputs, key=lambda pair: pair[0])] == alone[:len(waves)]
+
+
 def test_warm_up_takes_time_once_and_changes_no_result(engine, prompts, alone):
     seconds = engine.warm_up()
     assert seconds > 0

@@ -1,9 +1,8 @@
 """MLX's per-shape kernel caches never fail a job: few tower shapes, and no lifetime-miss fuse.
 
 Without buckets every join of a running batch brought a new tower shape, and on the H200
-MLX's CUDA convolution cache raised "Cache thrashing is happening" into a job. Exactness
-under the padding is covered where it matters, by token parity with transformers
-(test_engine_parity: ``Engine.prompt`` encodes through the buckets).
+MLX's CUDA convolution cache raised "Cache thrashing is happening" into a job. That the
+padding changes no token is test_engine_batching's (``tower_buckets=True`` on the CPU).
 """
 
 from __future__ import annotations

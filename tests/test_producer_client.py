@@ -72,6 +72,7 @@ def test_invalid_request_is_refused_before_redis(client, redis_conn):
     ({"language": "x" * 65}, "language is 65 characters; at most 64"),
     ({"task": "translate", "target_language": "x" * 65}, "target_language is 65 characters"),
     ({"max_new_tokens": True}, "not true or false"),
+    ({"metadata": {"blob": "x" * 70_000}}, "bytes as JSON, metadata included; at most 65536 are allowed"),
 ])
 def test_oversized_text_and_boolean_numbers_are_refused_before_redis(client, redis_conn, fields, says):
     with pytest.raises(ValueError, match=re.escape(says)):

@@ -124,8 +124,8 @@ def test_a_jobs_deadline_counts_its_own_share_of_the_batch_not_its_wait_for_the_
     for job in queued:
         job = fetch(redis_conn, job.id)
         assert job.get_status() == "finished" and job.return_value()["tokens"] == 300
-    last = fetch(redis_conn, queued[-1].id)
-    assert (last.ended_at - last.started_at).total_seconds() > 2 * budget  # it did wait past its budget
+    waits = [(job.ended_at - job.started_at).total_seconds() for job in (fetch(redis_conn, j.id) for j in queued)]
+    assert max(waits) > 2 * budget  # the last to run did wait past its budget
 
 
 def test_a_worker_sigkilled_mid_batch_loses_none_of_its_jobs(redis_url, redis_conn, model, requests, tmp_path,
@@ -161,10 +161,12 @@ def test_a_warm_shutdown_finishes_the_started_job_and_puts_the_jobs_claimed_ahea
     """One job in the engine at a time (batch_max_jobs 1), three claimed ahead by the prefetch."""
     settings = worker_settings(redis_url, model=model, prefetch_jobs=3, batch_max_jobs=1)
     long = enqueue(redis_conn, requests["long"]())
-    ahead = [enqueue(redis_conn, requests["short"](n), job_id=f"short-{n}") for n in range(3)]
     procs.append(worker := start_worker(settings, tmp_path / "worker.log"))
     wait_for(lambda: fetch(redis_conn, long.id).get_meta().get(record.META_PROGRESS, {}).get("stage") == "generate",
              timeout=60, what="the long job to be generating")
+    # Enqueued once the long job holds the engine's one slot: none of them can start before it
+    # (enqueued together, a short one could be prepared first and run first).
+    ahead = [enqueue(redis_conn, requests["short"](n), job_id=f"short-{n}") for n in range(3)]
     wait_for(lambda: len(started_ids(redis_conn)) == 4, what="the jobs claimed ahead")
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0

@@ -197,6 +197,23 @@ def test_jobs_named_as_dependents_in_redis_are_not_enqueued_by_a_finishing_job(r
     assert fetch(redis_conn, waiting.id).get_status() == "deferred"
 
 
+@pytest.mark.parametrize("crafted", [0, -1])
+def test_result_and_failure_ttls_in_a_record_yield_to_the_workers_settings(redis_url, redis_conn, engine,
+                                                                            good_request, tmp_path, crafted):
+    """0 would drop the result at once, -1 keep the record for ever."""
+    good = enqueue(redis_conn, good_request)
+    bad = enqueue(redis_conn, {"audio_uri": (tmp_path / "missing.wav").as_uri()})
+    for job in (good, bad):
+        redis_conn.hset(job.key, mapping={"result_ttl": crafted, "failure_ttl": crafted})
+    settings = worker_settings(redis_url, result_ttl=3600, failure_ttl=7200)
+    run_burst(settings, engine)
+    good, bad = fetch(redis_conn, good.id), fetch(redis_conn, bad.id)
+    assert good.get_status() == "finished" and good.return_value()["tokens"] > 0
+    assert 3500 < redis_conn.ttl(good.key) <= 3600
+    assert bad.get_status() == "failed" and failure_code(bad) == "audio_not_found"
+    assert 7100 < redis_conn.ttl(bad.key) <= 7200
+
+
 def test_a_negative_retry_count_in_a_record_buys_no_extra_storage_retries(redis_url, redis_conn, engine,
                                                                           monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -284,6 +301,7 @@ def test_a_boolean_token_budget_written_past_the_producer_is_invalid_request(red
 @pytest.mark.parametrize("fields,limits,says", [
     ({"task": "prompt", "prompt": "x" * 1_000_000}, {}, "prompt is 1000000 characters; at most 4000"),
     ({"language": "en" * 40}, {}, "language is 80 characters; at most 64 are allowed (max_language_chars)"),
+    ({"metadata": {"blob": "x" * 2_000}}, {"max_request_bytes": 1024}, "at most 1024 are allowed (max_request_bytes)"),
     ({"task": "translate", "target_language": "de" * 40}, {}, "target_language is 80 characters"),
     ({"task": "prompt", "prompt": "word " * 40}, {"max_prompt_tokens": 16}, "at most 16 (max_prompt_tokens)"),
 ])

@@ -169,11 +169,13 @@ def test_a_running_job_keeps_beating_and_is_never_reaped(redis_url, redis_conn, 
 
 
 def test_sigterm_mid_job_finishes_the_job_then_exits_0(redis_url, redis_conn, model, long_request, tmp_path, procs):
-    settings = liveness_settings(redis_url, model=model, batch_max_jobs=1)  # "second" is not in the engine yet
+    settings = liveness_settings(redis_url, model=model, batch_max_jobs=1)
     (worker,) = start_idle_workers(redis_conn, settings, tmp_path, procs, 1)
     first = enqueue(redis_conn, long_request(SHORT_RUN))
-    second = enqueue(redis_conn, long_request(SHORT_RUN), job_id="second")
     wait_for(lambda: stage_of(first) == "generate", what="the first job to be generating")
+    # Enqueued once the first holds the engine's one slot, "second" cannot start before it
+    # (enqueued together, it could be prepared first and run first).
+    second = enqueue(redis_conn, long_request(SHORT_RUN), job_id="second")
     signalled_at = datetime.now(timezone.utc)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0

@@ -140,7 +140,8 @@ class Batch:
                  self.claims, time.perf_counter() - started, self.outside)
 
     def feed(self, free: int) -> list[ClipRequest]:
-        """The engine asks for up to ``free`` clips: collect what threads finished, take jobs, hand out clips.
+        """The engine asks for up to ``free`` clips before every step (0 while it is full): collect what
+        threads finished, take jobs (the prefetch goes on while the engine is full), hand out clips.
 
         Waits (for a thread's step) only while the engine runs nothing; returns none once
         nothing is held, which ends the stream.
@@ -281,6 +282,8 @@ class Batch:
         pass it, so a long clip is never starved; a clip over the whole budget runs alone.
         """
         rows = min(free, self.row_cap - self.rows_in_engine())
+        if rows <= 0:
+            return []
         running = {id(h) for h, *_ in self.in_flight.values()}
         handed: list[ClipRequest] = []
         for held in sorted((h for h in self.held if h.ready and h.waiting and not h.ended), key=lambda h: h.rank):

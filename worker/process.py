@@ -274,6 +274,9 @@ class AudioWorker(SimpleWorker):
         # Never below the longest job the settings allow (a producer's -1, "no limit", included):
         # the hard time limit must stay a backstop behind the cooperative deadline.
         job.timeout = max(job.timeout or 0, self.settings.hard_timeout)
+        # How long the outcome is kept is this worker's setting, whatever the record says (a
+        # crafted result_ttl of 0 would drop the result, -1 keep it for ever).
+        job.result_ttl, job.failure_ttl = self.settings.result_ttl, self.settings.failure_ttl
         self.execution = None  # not the previous job's, should Redis fail before this one's exists
         self.maintenance.job_started(job.id)
         execution = self.prepare_execution(job)

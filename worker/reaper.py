@@ -124,6 +124,7 @@ def resolve(connection: redis.Redis, job_id: str, execution_id: str, settings: S
                 queue = Queue(job.origin, connection=connection, job_class=AudioJob, serializer=record.SERIALIZER)
                 queue.enqueue_job(job, pipeline=pipe, at_front=True)
             else:
+                job.failure_ttl = settings.failure_ttl  # the worker's, not the record's
                 _fail(job, failure, pipe)
             pipe.execute()
         except redis.WatchError:

@@ -4,8 +4,9 @@ Two calls, one seam for every caller (the queue worker, the local ``transcribe``
 the chunks of a long recording):
 
 - ``Engine.stream(feed, on_done)``: clips arrive while others run. Before every decode step
-  the engine asks ``feed(free)`` for up to ``free`` new clips and reports each clip's outcome
-  to ``on_done`` as soon as it is known, so a finished clip never waits for the others.
+  the engine asks ``feed(free)`` for up to ``free`` new clips (``free`` is 0 while the batch
+  is full: the caller may prepare more meanwhile) and reports each clip's outcome to
+  ``on_done`` as soon as it is known, so a finished clip never waits for the others.
 - ``Engine.run(clips)``: a fixed list, outputs in order (``stream`` underneath).
 
 A clip may carry its own ``on_stage`` hook, called at every stage boundary of that clip
@@ -98,14 +99,16 @@ class Engine:
     - ``max_rows``: rows decoded together;
     - ``max_batch_tokens``: rows x the longest row's prompt + budget (the KV cache's size);
     - ``prefill_tokens``: padded prompt tokens prefilled in one call;
-    - ``encode_rows``: clips through the front-end and tower in one padded batch.
+    - ``encode_rows``: clips through the front-end and tower in one padded batch;
+    - ``tower_buckets``: pad tower batches to ``shapes.tower_length`` (default: on MLX's CUDA
+      backend, whose convolution plans are per shape; elsewhere padding only costs compute).
     """
 
     sample_rate = SAMPLE_RATE
     max_clip_seconds = MAX_SAMPLES / SAMPLE_RATE
 
     def __init__(self, model: LoadedModel, *, max_rows: int = 32, max_batch_tokens: int = 32_768,
-                 prefill_tokens: int = 8_192, encode_rows: int = 8):
+                 prefill_tokens: int = 8_192, encode_rows: int = 8, tower_buckets: bool | None = None):
         if model.audio_tower is None:
             raise AudioqError(FailureCode.MODEL_ERROR,
                               f"model {model.name} has no audio tower (its config.json has no "
@@ -118,9 +121,10 @@ class Engine:
         self.prompts = PromptBuilder(model.tokenizer, model.config.tokens)
         self.limits = dict(max_rows=max_rows, max_batch_tokens=max_batch_tokens, prefill_tokens=prefill_tokens)
         self.encode_rows = encode_rows
+        self.tower_buckets = mx.cuda.is_available() if tower_buckets is None else tower_buckets
 
     @classmethod
-    def load(cls, model: str, **options: int) -> "Engine":
+    def load(cls, model: str, **options: int | bool | None) -> "Engine":
         return cls(load_model(model), **options)
 
     # -- encoding -----------------------------------------------------------------------
@@ -130,13 +134,16 @@ class Engine:
         """Audio soft-token rows [n_i, H] per clip: front-end, tower and projector as one batch."""
         started = time.perf_counter()
         features, mask = log_mel([c.astype(np.float32, copy=False) for c in clips],
-                                 tower_length(max(c.size for c in clips)))
+                                 self._tower_length(max(c.size for c in clips)))
         mx.eval(features, mask)
         front_end = time.perf_counter()
         if on_stage is not None:
             on_stage("audio_tower")
         per_clip = self._tower(features, mask)
         return per_clip, {"front_end": front_end - started, "audio_tower": time.perf_counter() - front_end}
+
+    def _tower_length(self, samples: int) -> int:
+        return tower_length(samples) if self.tower_buckets else samples
 
     def _tower(self, features: mx.array, mask: mx.array) -> list[mx.array]:
         out, out_mask = self.model.audio_tower(features.astype(self._audio_dtype()), mask)
@@ -174,7 +181,7 @@ class Engine:
                 audio.append((clip, count))
             except Exception as exc:
                 on_done(clip, exc)
-        sizes = [tower_length(clip.samples.size) for clip, _ in audio]
+        sizes = [self._tower_length(clip.samples.size) for clip, _ in audio]
         for group in pack(sizes, max_padded=self.encode_rows * MAX_SAMPLES, max_count=self.encode_rows):
             rows += self._encoded([audio[i] for i in group], stop, on_done, stats)
         return rows
@@ -183,7 +190,7 @@ class Engine:
                  stats: dict[str, float]) -> list[Row]:
         started = time.perf_counter()
         features, mask = log_mel([c.samples.astype(np.float32, copy=False) for c, _ in group],
-                                 tower_length(max(c.samples.size for c, _ in group)))
+                                 self._tower_length(max(c.samples.size for c, _ in group)))
         mx.eval(features, mask)
         front_end = time.perf_counter() - started
         live = []
@@ -305,8 +312,8 @@ class Engine:
         by exact size, so what has to be covered is each kind of call: one clip alone, a
         padded tower batch, a left-padded prefill batch past the sliding window, rows joining
         a running batch and leaving it at different steps (docs/design.md, "Batching").
-        cuDNN's convolution plans are per shape: those are built as tower shapes first occur,
-        a few dozen in all (``shapes.py``).
+        cuDNN's convolution plans are per shape: on CUDA those are built as tower shapes
+        first occur, a few dozen in all (``tower_buckets``).
         """
         started = time.perf_counter()
         rng = np.random.default_rng(0)

@@ -121,11 +121,13 @@ class Scheduler:
         """Until ``feed`` gives nothing (None) and no row waits or runs.
 
         ``feed(free)`` returns the rows it made of up to ``free`` new requests ([] when all
-        of them failed before becoming rows), or None when it had no request.
+        of them failed before becoming rows), or None when it had no request. It is called
+        before every step, with ``free`` 0 too while the batch is full, so that its caller
+        can prepare the next requests (a worker fetching the next jobs' audio) meanwhile.
         """
         while True:
             free = self.free()
-            fed = feed(free) if free else []
+            fed = feed(free)
             self.waiting.extend(fed or [])
             self._admit(finish)
             if not self.rows:

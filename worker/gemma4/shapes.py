@@ -7,7 +7,8 @@ twice the cache's size MLX raised "Cache thrashing is happening" into a job (see
 H200, docs/benchmarks.md). Padding a group's length up to the next rung of a geometric
 ladder, each rung an eighth longer than the last, bounds the tower's shapes to 36 lengths
 per row count for at most 13 % more tower work (about 6 % on average). Padding is exact:
-the tower masks padded frames.
+the tower masks padded frames. The engine pads so on CUDA only (``Engine(tower_buckets=)``):
+the CPU's and Metal's kernels take any length, and there padding would only cost compute.
 """
 
 from __future__ import annotations
