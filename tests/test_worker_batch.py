@@ -128,6 +128,21 @@ def test_a_jobs_deadline_counts_its_own_share_of_the_batch_not_its_wait_for_the_
     assert max(waits) > budget  # the last to run finished later than its budget after its claim
 
 
+def test_jobs_waiting_in_a_batch_past_the_hard_time_limit_are_not_taken_for_lost(redis_url, redis_conn, engine,
+                                                                                 requests):
+    """The beat stops for a job past ``hard_timeout`` (the main thread must be stuck), counted as
+    its deadline is: a job that merely waits behind the others keeps its beat, is not requeued
+    as lost while it is held, and runs once."""
+    settings = worker_settings(redis_url, batch_max_jobs=1, prefetch_jobs=5, test_hard_timeout=2, lost_after=1.0)
+    jobs = [enqueue(redis_conn, requests["long"](100), job_id=f"queued-{n}") for n in range(6)]  # ~0.6 s each
+    run_burst(settings, engine)
+    jobs = [fetch(redis_conn, job.id) for job in jobs]
+    assert max((job.ended_at - job.started_at).total_seconds() for job in jobs) > settings.hard_timeout
+    for job in jobs:
+        assert job.get_status() == "finished" and len(job.results()) == 1
+        assert record.META_LOST not in job.get_meta() and job.get_meta()[record.META_ATTEMPT] == 1
+
+
 def test_a_worker_sigkilled_mid_batch_loses_none_of_its_jobs(redis_url, redis_conn, model, requests, tmp_path,
                                                              procs):
     """Every job the dead worker held is resolved on its own (here, lost_job_retries 0: worker_lost);

@@ -234,6 +234,7 @@ class Batch:
             self.end(held, exc)
             return
         held.work = task.JobWork(job, request, task.resident())
+        self.worker.maintenance.count_time_by(job.id, held.work.run.elapsed)
         held.step = self.pool.submit(self.riding_out, held.work.prepare, f"preparing job {job.id}")
 
     def riding_out(self, step, doing: str) -> Any:

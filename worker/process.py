@@ -19,8 +19,9 @@ Redis only, never MLX (MLX streams belong to the main thread):
   (``retry_schedule``, lock-free): RQ's ``with_scheduler`` forks a process, unsafe in a
   process holding Metal state, and its locks let a dead holder delay retries for minutes.
 
-A job's beat stops once it has run longer than ``Settings.hard_timeout``: by then the hard
-time limit (SIGALRM) should have ended it, so the main thread is stuck in a call that never
+A job's beat stops once it has run longer than ``Settings.hard_timeout`` on its own count
+(in a batch, its share: ``JobRun.elapsed``): by then the hard time limit (SIGALRM) should
+have ended it, so the main thread is stuck in a call that never
 returns (a native MLX call cannot be interrupted), and the reaper then treats it as lost.
 
 Warm shutdown (first SIGTERM/SIGINT): the jobs in the engine finish, the ones claimed ahead
@@ -41,6 +42,7 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import suppress
 
 import redis
@@ -79,15 +81,23 @@ class Maintenance(threading.Thread):
         self.connection = worker.connection
         self.stopping = threading.Event()
         self.lock = threading.Lock()
-        self.started_at: dict[str, float] = {}  # held job id → time.monotonic() at its claim
+        self.ran: dict[str, Callable[[], float]] = {}  # held job id → the seconds it has run on its own count
         self.overdue_logged: set[str] = set()
 
     def job_started(self, job_id: str) -> None:
         """Beat before RQ registers the job as started, so the reaper never sees it beatless."""
+        claimed = time.monotonic()
         with self.lock:
-            self.started_at[job_id] = time.monotonic()
+            self.ran[job_id] = lambda: time.monotonic() - claimed
             self.overdue_logged.discard(job_id)
             reaper.beat(self.connection, job_id, self.worker.name, self.settings.lost_after)
+
+    def count_time_by(self, job_id: str, ran: Callable[[], float]) -> None:
+        """From now on the job's time is ``ran()`` (``JobRun.elapsed``: a batched job's own share of
+        the batch), so that waiting behind other jobs never reads as a stuck main thread."""
+        with self.lock:
+            if job_id in self.ran:
+                self.ran[job_id] = ran
 
     def job_ended(self, job_id: str) -> None:
         """After RQ removed the job from the started registry: its beat is no longer needed."""
@@ -97,21 +107,21 @@ class Maintenance(threading.Thread):
     def forget(self, job_id: str) -> None:
         """No more beats for the job (its beat key then expires by itself after lost_after)."""
         with self.lock:
-            self.started_at.pop(job_id, None)
+            self.ran.pop(job_id, None)
             self.overdue_logged.discard(job_id)
 
     def beat(self) -> None:
         """Refresh the beat of every job the worker holds, except those that outlived RQ's hard time limit."""
         with self.lock:
-            held = list(self.started_at.items())
-        for job_id, started_at in held:
-            ran = time.monotonic() - started_at
+            held = list(self.ran.items())
+        for job_id, clock in held:
+            ran = clock()
             if ran <= self.settings.hard_timeout:
                 reaper.beat(self.connection, job_id, self.worker.name, self.settings.lost_after)
             elif job_id not in self.overdue_logged:
                 self.overdue_logged.add(job_id)
-                log.error("job %s has run %.0f s, past the hard time limit of %d s: the main thread is stuck; "
-                          "no more heartbeats, so the reaper will treat the job as lost", job_id, ran,
+                log.error("job %s has run %.0f s on its own count, past the hard time limit of %d s: the main "
+                          "thread is stuck; no more heartbeats, so the reaper will treat the job as lost", job_id, ran,
                           self.settings.hard_timeout)
 
     def run(self) -> None:
