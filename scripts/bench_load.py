@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from demo import free_port  # noqa: E402
+from demo import AofRedis  # noqa: E402
 from rq.registry import FailedJobRegistry, FinishedJobRegistry  # noqa: E402
 from rq.results import Result  # noqa: E402
 
@@ -47,32 +47,6 @@ from producer.settings import load_settings  # noqa: E402
 
 POLL = 0.5  # seconds between progress checks
 SUCCESSFUL = str(Result.Type.SUCCESSFUL.value).encode()  # a result stream entry's "type" field
-
-
-class RedisServer:
-    """One redis-server with an AOF in ``workdir``, restartable on the same port."""
-
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
-                                     stdout=(self.workdir / "redis.log").open("ab"), stderr=subprocess.STDOUT)
-        for _ in range(200):
-            try:
-                redis.Redis(port=self.port).ping()
-                return
-            except (redis.ConnectionError, redis.BusyLoadingError):
-                time.sleep(0.05)
-        sys.exit("bench_load: redis-server did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
 
 
 class Workers:
@@ -156,7 +130,7 @@ def main() -> int:
     random.seed(0)
 
     workdir = Path(tempfile.mkdtemp(prefix="audioq-load-"))
-    server = RedisServer(workdir)
+    server = AofRedis(workdir)
     server.start()
     workers = None
     try:

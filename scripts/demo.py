@@ -69,6 +69,42 @@ def start_redis(workdir: Path) -> tuple[str, subprocess.Popen]:
     sys.exit("demo: redis-server did not start")
 
 
+class AofRedis:
+    """A redis-server with its AOF in ``directory`` (every write fsynced), on a free loopback port,
+    that can be stopped and started again on the same port: a Redis restart that loses nothing.
+    ``scripts/bench_load.py`` and the worker's Redis-restart tests use it."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.directory)],
+                                     stdout=(self.directory / "redis.log").open("ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not self.answers():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {self.port} did not answer within {timeout:g} s "
+                                   f"(log: {self.directory / 'redis.log'})")
+            time.sleep(0.05)
+
+    def answers(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis(port=self.port).ping())
+        except redis.RedisError:  # not up yet, or still loading its AOF
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
 def make_clips(workdir: Path, count: int) -> list[Path]:
     """Spoken sentences (espeak-ng) or tones, in a mix of formats, plus one non-audio file."""
     clips = []

@@ -10,15 +10,15 @@ engine while the test looks at the others.
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 
 import pytest
 import redis
 from conftest import make_tone
+from demo import AofRedis
 from rq import Queue, SimpleWorker
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
-from worker_fixtures import (enqueue, failure_code, fetch, free_port, long_tone, procs, run_burst,  # noqa: F401
+from worker_fixtures import (enqueue, failure_code, fetch, long_tone, procs, run_burst,  # noqa: F401
                              start_worker, strand, wait_for, worker_settings, write_wav)
 
 from producer import record
@@ -214,42 +214,15 @@ def test_a_burst_worker_fails_a_dead_workers_job_past_its_retries_before_it_exit
 
 
 # ------------------------------------------------------------------ Redis restarts
-class OwnRedis:
-    """A redis-server of the test's own, AOF on, that the test can stop and start again on the same port."""
-
-    def __init__(self, directory):
-        self.directory = directory
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.directory)],
-                                     stdout=subprocess.DEVNULL)
-        wait_for(self.answers, what="redis-server to answer")
-
-    def answers(self) -> bool:
-        try:
-            return redis.Redis(port=self.port).ping()
-        except redis.RedisError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-
 @pytest.fixture
 def own_redis(tmp_path):
-    server = OwnRedis(tmp_path)
+    server = AofRedis(tmp_path)
     server.start()
     yield server
     server.stop()
 
 
-def restart(server: OwnRedis, down_for: float = 1.0) -> float:
+def restart(server: AofRedis, down_for: float = 1.0) -> float:
     """Stop Redis, wait, start it again; returns time.monotonic() when it answers again."""
     server.stop()
     time.sleep(down_for)

@@ -31,6 +31,7 @@ import logging
 import math
 import signal
 import time
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -335,14 +336,11 @@ class Batch:
         """
         now = time.monotonic()
         elapsed, self.shared_at = now - self.shared_at, now
-        rows: dict[int, int] = {}
-        for held, *_ in self.in_flight.values():
-            rows[id(held)] = rows.get(id(held), 0) + 1
-        total = sum(rows.values())
+        rows = Counter(id(held) for held, *_ in self.in_flight.values())
         for held in self.held:
             if held.work is None or held.ended or held.step is not None:
                 continue
-            share = rows.get(id(held), 0) / total if total else 0.0
+            share = rows[id(held)] / len(self.in_flight) if self.in_flight else 0.0
             held.work.run.waited += elapsed * (1.0 - share)
 
     def arm(self) -> None:

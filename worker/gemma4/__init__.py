@@ -5,7 +5,8 @@ module here touches the device: MLX counts a kernel cache's misses over the proc
 life and raises "Cache thrashing is happening" into whatever runs once they pass twice the
 cache's size, which a worker draining clips of every length for hours reaches however well
 its shapes are bucketed (``shapes.py``). With the check off, a miss costs a rebuilt plan,
-never a job; the larger convolution cache holds every tower shape the buckets allow.
+never a job; the larger convolution cache leaves room for the tower shapes the buckets
+allow (36 lengths for each row count up to ``encode_rows``).
 """
 
 import os

@@ -13,7 +13,7 @@ the CPU's and Metal's kernels take any length, and there padding would only cost
 
 from __future__ import annotations
 
-from functools import lru_cache
+from bisect import bisect_left
 
 from worker.gemma4.features import MAX_SAMPLES, PAD_MULTIPLE
 
@@ -22,14 +22,17 @@ STEP = PAD_MULTIPLE  # every rung a multiple of the front-end's padding
 FIRST = 8_000  # 0.5 s, rounded up to STEP
 
 
-@lru_cache(maxsize=4096)
-def _rung(samples: int) -> int:
-    rung = -(-FIRST // STEP) * STEP
-    while rung < samples:
-        rung = -(-int(rung * RATIO) // STEP) * STEP
-    return rung
+def _ladder() -> tuple[int, ...]:
+    rungs = [-(-FIRST // STEP) * STEP]
+    while rungs[-1] < MAX_SAMPLES:
+        rungs.append(min(-(-int(rungs[-1] * RATIO) // STEP) * STEP, MAX_SAMPLES))
+    return tuple(rungs)
+
+
+RUNGS = _ladder()  # ends at MAX_SAMPLES
 
 
 def tower_length(samples: int) -> int:
     """Samples a tower batch whose longest clip has ``samples`` is padded to (at most 30 s)."""
-    return max(samples, min(_rung(samples), MAX_SAMPLES))
+    i = bisect_left(RUNGS, samples)
+    return RUNGS[i] if i < len(RUNGS) else samples
