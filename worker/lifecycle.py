@@ -1,8 +1,8 @@
 """One job's record while a worker runs it: claim, progress, deadline, cancel, outcome.
 
-Nothing here knows about audio or the model, so the same ``JobRun`` serves one clip today
-and a batch of clips from several jobs tomorrow: the engine's ``on_stage`` hook calls
-``stage`` on every run in the batch, and each run records its own result or failure.
+Nothing here knows about audio or the model, so the same ``JobRun`` serves one clip alone
+and a batch of clips from several jobs: each clip's ``on_stage`` hook calls its own job's
+``stage``, and each run records its own result or failure.
 
 ``stage`` is the cooperative check point. ``SimpleWorker`` cannot kill a running job
 (``send_stop_job_command`` is a no-op without a work horse) and RQ's SIGALRM cannot
