@@ -110,21 +110,26 @@ def test_a_sigkilled_workers_long_job_resumes_at_its_first_unfinished_chunk(redi
            f"{len(rerun)}, and the result equals an uninterrupted run's")
 
 
+def cancel_after_two_chunks(settings, engine, client, redis_conn, job) -> None:
+    """Run ``job`` in a burst worker and cancel it once two of its chunks are saved."""
+
+    def cancel():
+        wait_for(lambda: len(saved(redis_conn, job.id)) >= 2, timeout=60, what="two chunks to be saved")
+        client.cancel(job.id)
+
+    canceller = threading.Thread(target=cancel, daemon=True)
+    canceller.start()
+    run_burst(settings, engine)
+    canceller.join(10)
+
+
 def test_a_canceled_long_job_stops_before_its_last_chunk_and_resumes_when_requeued(redis_url, redis_conn, engine,
                                                                                   talk):
     settings = worker_settings(redis_url, **CHUNK)
     client = Client(settings, connection=redis_conn)
     request = {"audio_uri": talk.as_uri(), "max_new_tokens": TOKENS}
     job = enqueue(redis_conn, request)
-
-    def cancel_after_two_chunks():
-        wait_for(lambda: len(saved(redis_conn, job.id)) >= 2, timeout=60, what="two chunks to be saved")
-        client.cancel(job.id)
-
-    canceller = threading.Thread(target=cancel_after_two_chunks, daemon=True)
-    canceller.start()
-    run_burst(settings, engine)
-    canceller.join(10)
+    cancel_after_two_chunks(settings, engine, client, redis_conn, job)
     status = client.status(job.id)
     done_before = saved(redis_conn, job.id)
     assert status.state == "canceled" and 2 <= len(done_before) < CHUNKS
@@ -134,6 +139,22 @@ def test_a_canceled_long_job_stops_before_its_last_chunk_and_resumes_when_requeu
     assert result["resumed_chunks"] == len(done_before)
     reference = uninterrupted(redis_url, redis_conn, engine, request)
     assert {k: result[k] for k in SAME} == {k: reference[k] for k in SAME}
+
+
+def test_chunks_saved_by_another_model_are_rerun(redis_url, redis_conn, engine, tiny_checkpoint, talk):
+    """A job requeued after a deploy (another checkpoint here) never splices the old model's text
+    into the new model's transcript: the saved chunks name the model that made them."""
+    from worker.gemma4.engine import Engine
+
+    settings = worker_settings(redis_url, **CHUNK)
+    client = Client(settings, connection=redis_conn)
+    job = enqueue(redis_conn, {"audio_uri": talk.as_uri(), "max_new_tokens": TOKENS})
+    cancel_after_two_chunks(settings, engine, client, redis_conn, job)
+    assert len(saved(redis_conn, job.id)) >= 2
+    assert client.requeue([job.id])[0].action == "requeued"
+    run_burst(settings, Engine.load(str(tiny_checkpoint("e2b", seed=1))))
+    result = fetch(redis_conn, job.id).return_value()
+    assert result["resumed_chunks"] == 0 and len(result["segments"]) == CHUNKS
 
 
 def test_saved_chunks_that_do_not_match_the_audio_are_rerun(redis_url, redis_conn, engine, talk):

@@ -29,7 +29,8 @@ ANSWER_TAG = "answer"  # the tag of the text-only answer turn; chunk clips carry
 
 
 class ChunkText(BaseModel):
-    """One finished chunk, as saved for resuming. ``digest`` ties it to the very samples it was made of."""
+    """One finished chunk, as saved for resuming. ``digest`` ties it to the very samples it was made of,
+    and to what else made its text: the model, the instruction and the token budget."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -42,8 +43,11 @@ class ChunkText(BaseModel):
     audio_tokens: int = Field(ge=0)
 
 
-def digest(samples: np.ndarray) -> str:
-    return hashlib.blake2b(np.ascontiguousarray(samples, dtype=np.float32).tobytes(), digest_size=8).hexdigest()
+def digest(samples: np.ndarray, made_by: str) -> str:
+    """BLAKE2b of the float32 samples and of ``made_by`` (what else decides the text)."""
+    hashed = hashlib.blake2b(np.ascontiguousarray(samples, dtype=np.float32).tobytes(), digest_size=8)
+    hashed.update(made_by.encode())
+    return hashed.hexdigest()
 
 
 def plan_recording(samples: np.ndarray, settings: Settings) -> ChunkPlan:
@@ -72,7 +76,7 @@ class Recording:
 
     def __init__(self, samples: np.ndarray, plan: ChunkPlan, request: JobRequest, max_new_tokens: int, *,
                  count_tokens: Callable[[str], int], answer_context_tokens: int,
-                 saved: dict[int, ChunkText] | None = None,
+                 saved: dict[int, ChunkText] | None = None, model: str = "",
                  on_stage: Callable[[int | None], StageHook | None] = lambda chunk: None):
         self.samples = samples
         self.request = request
@@ -89,9 +93,12 @@ class Recording:
         self.answers_after = asks and len(self.units) > 1
         self.instruction = (transcribe_instruction(request.language) if self.answers_after
                             else instruction_for(request))
+        # A saved chunk is reused only if made by the same model, instruction and budget too.
+        self.made_by = "\0".join((model, self.instruction, str(max_new_tokens)))
         self.done = {i: text for i, text in (saved or {}).items() if self._matches(i, text)}
         self.resumed = len(self.done)
         self.handed: set[int] = set(self.done)
+        self.first_pending = 0  # every chunk before it is done (progress reads it at every decode step)
         self.answer: ClipOutput | None = None
         self.answer_handed = False
         self.timings: dict[str, float] = {}
@@ -106,7 +113,7 @@ class Recording:
         if not 0 <= index < len(self.units):
             return False
         chunk = self.units[index]
-        return (text.start, text.end) == (chunk.start, chunk.end) and text.digest == digest(self._chunk_samples(index))
+        return (text.start, text.end) == (chunk.start, chunk.end) and text.digest == digest(self._chunk_samples(index), self.made_by)
 
     @property
     def chunks(self) -> int:
@@ -145,7 +152,7 @@ class Recording:
         chunk, text, transcript = self.units[clip.tag], output.text.strip(), None
         if self.request.task == "translate":
             transcript, text = split_translation(text, self.request.target_language or "")
-        finished = ChunkText(start=chunk.start, end=chunk.end, digest=digest(clip.samples), text=text,
+        finished = ChunkText(start=chunk.start, end=chunk.end, digest=digest(clip.samples, self.made_by), text=text,
                              transcript=transcript, tokens=len(output.tokens), audio_tokens=output.audio_tokens)
         self.done[clip.tag] = finished
         return finished
@@ -161,8 +168,10 @@ class Recording:
 
     def progress(self) -> tuple[int, float]:
         """(chunks done, seconds of the recording finished up to): both only grow."""
-        pending = [i for i in range(len(self.units)) if i not in self.done]
-        upto = self.units[pending[0]].start if pending else self.samples.size
+        while self.first_pending < len(self.units) and self.first_pending in self.done:
+            self.first_pending += 1
+        pending = self.first_pending < len(self.units)
+        upto = self.units[self.first_pending].start if pending else self.samples.size
         return len(self.done), round(upto / SAMPLE_RATE, 3)
 
     def segments(self) -> list[Segment]:

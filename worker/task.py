@@ -113,7 +113,8 @@ class JobWork:
         self.timings["plan_chunks"] = time.perf_counter() - started
         self.recording = Recording(samples, plan, request, budget, count_tokens=answer_tokens(self.home.engine),
                                    answer_context_tokens=settings.answer_context_tokens,
-                                   saved=saved_chunks(self.job), on_stage=self._chunk_hook)
+                                   saved=saved_chunks(self.job), model=self.home.engine.model_id,
+                                   on_stage=self._chunk_hook)
 
     def _chunk_hook(self, chunk: int | None) -> StageHook:
         """The check point of chunk ``chunk``'s clip (None: the answer turn): deadline, cancel, progress."""
