@@ -6,12 +6,16 @@ Storage is "down" for real: the worker's S3 endpoint is a loopback port nobody l
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 
 import pytest
+from rq import Queue
+from rq.registry import ScheduledJobRegistry
 from rq.results import Result
 from worker_fixtures import closed_endpoint, enqueue, fetch, run_burst, worker_settings
 
 from producer import record
+from worker import retry_schedule
 
 
 @pytest.fixture(autouse=True)
@@ -65,3 +69,17 @@ def test_other_failures_are_not_retried(redis_url, redis_conn, engine, tmp_path)
     run_burst(worker_settings(redis_url, storage_retries=3), engine)
     job = fetch(redis_conn, job.id)
     assert result_types(job) == ["FAILED"] and job.get_meta()[record.META_ATTEMPT] == 1
+
+
+def test_entries_of_the_retry_schedule_audioq_did_not_write_are_dropped_and_the_due_retries_move(redis_conn):
+    """Anyone who can write Redis can add members to a ScheduledJobRegistry: an id that is not
+    UTF-8, one RQ refuses, one whose hash has no data. None of them stops the real retry."""
+    job = enqueue(redis_conn, {"audio_uri": "s3://audio/a.wav"})
+    queue = Queue("default", connection=redis_conn, serializer=record.SERIALIZER)
+    queue.remove(job.id)
+    registry = ScheduledJobRegistry(queue=queue)
+    registry.schedule(job, datetime.now(timezone.utc))
+    redis_conn.hset("rq:job:no-data", "status", "scheduled")
+    redis_conn.zadd(registry.key, {b"\xff\xfe": 0, "bad id with spaces": 0, "no-data": 0})
+    assert retry_schedule.enqueue_due(redis_conn, ["default"]) == {"default": [job.id]}
+    assert queue.get_job_ids() == [job.id] and redis_conn.zcard(registry.key) == 0

@@ -13,15 +13,21 @@ round of coming due while any worker on that queue runs.
 
 from __future__ import annotations
 
+import logging
+
 import redis
+from rq.exceptions import NoSuchJobError
 from rq.queue import Queue
 from rq.registry import ScheduledJobRegistry
 from rq.utils import current_timestamp
 
 from producer import record
+from producer.printable import printable
 from worker.job import AudioJob
 
 BATCH = 500  # due jobs moved per queue per round, so one transaction stays short
+
+log = logging.getLogger("audioq.worker")
 
 
 def enqueue_due(connection: redis.Redis, queue_names: list[str]) -> dict[str, list[str]]:
@@ -40,17 +46,30 @@ def _move(connection: redis.Redis, queue_name: str) -> list[str]:
     with connection.pipeline() as pipe:
         try:
             pipe.watch(registry.key)
-            due = [job_id.decode() for job_id in
-                   pipe.zrangebyscore(registry.key, 0, current_timestamp(), start=0, num=BATCH)]
+            due = pipe.zrangebyscore(registry.key, 0, current_timestamp(), start=0, num=BATCH)
             if not due:
                 return []
-            jobs = AudioJob.fetch_many(due, connection=connection, serializer=record.SERIALIZER)
+            jobs = [job for job in (_readable(connection, raw) for raw in due) if job is not None]
             pipe.multi()
             for job in jobs:
-                if job is not None:  # a job whose record expired meanwhile only leaves the registry
-                    queue.enqueue_job(job, pipeline=pipe)
+                queue.enqueue_job(job, pipeline=pipe)
             pipe.zrem(registry.key, *due)
             pipe.execute()
         except redis.WatchError:  # another worker moved them (or more came due): its round, not ours
             return []
-    return due
+    return [job.id for job in jobs]
+
+
+def _readable(connection: redis.Redis, raw_id: bytes) -> AudioJob | None:
+    """The job a registry member names, or None: its record expired meanwhile, or the member or
+    its record is not one audioq wrote (anyone who can write Redis can add one). Either way it
+    only leaves the registry, so it cannot stop the due retries behind it."""
+    try:
+        return AudioJob.fetch(raw_id.decode(), connection=connection, serializer=record.SERIALIZER)
+    except NoSuchJobError:
+        return None
+    except redis.RedisError:
+        raise  # Redis is away: the round fails, and the next one moves them
+    except Exception as exc:  # a bad id, a record RQ cannot restore, or UnreadableRecord
+        log.warning("dropped %r from the retry schedule: %s", printable(raw_id.decode(errors="replace")), exc)
+        return None
