@@ -3,7 +3,7 @@
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
         .venv/bin/python scripts/bench.py [--model DIR] [--clips 256] [--min-seconds 2] [--max-seconds 30] \\
         [--max-new-tokens 64] [--batch 1 32] [--token-budget 32768] [--peer-python /tmp/vlmenv/bin/python] [--peer-clips 16] \\
-        [--json summary.json]
+        [--json summary.json] [--log-dir DIR]
 
 Starts its own redis-server and moto's S3 server (nothing kept), uploads ``--clips`` WAVs of
 mixed length (``bench_common.synthetic_clip``: clip i lasts a seeded random 2-30 s), enqueues
@@ -83,7 +83,7 @@ def upload(endpoint: str, lengths: list[float]) -> list[str]:
     return uris
 
 
-def drain(settings, uris: list[str], max_new_tokens: int, workdir: Path) -> dict:
+def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path) -> dict:
     """Enqueue the backlog, drain it with one burst worker subprocess, and summarise the records."""
     import redis
 
@@ -95,7 +95,7 @@ def drain(settings, uris: list[str], max_new_tokens: int, workdir: Path) -> dict
     started = time.perf_counter()
     ids = [o.job_id for o in client.enqueue_many([{"audio_uri": u, "max_new_tokens": max_new_tokens} for u in uris])]
     enqueue_seconds = time.perf_counter() - started
-    log_path = workdir / f"worker-{settings.batch_max_jobs}.log"
+    log_path = log_dir / f"worker-{settings.batch_max_jobs}.log"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     with open(log_path, "w") as log:
         subprocess.run([sys.executable, __file__, WORKER_MODE, settings.model_dump_json()], env=env, stdout=log,
@@ -173,7 +173,10 @@ def main() -> int:
     parser.add_argument("--peer-python", help="python of a venv with mlx-vlm 0.7.10 (skipped without)")
     parser.add_argument("--peer-clips", type=int, default=16, help="how many of the clips the peer runs")
     parser.add_argument("--json", help="write the summary here")
+    parser.add_argument("--log-dir", type=Path, help="keep the worker logs here (default: deleted with the run)")
     args = parser.parse_args()
+    if args.log_dir:
+        args.log_dir.mkdir(parents=True, exist_ok=True)
 
     from producer.settings import load_settings
 
@@ -195,7 +198,7 @@ def main() -> int:
             settings = load_settings(environ={}, redis_url=redis_url, model=model, s3_endpoint_url=endpoint,
                                      s3_region="us-east-1", s3_addressing_style="path", batch_max_jobs=batch,
                                      batch_token_budget=args.token_budget, prefetch_jobs=args.prefetch, default_max_new_tokens=args.max_new_tokens)
-            run = drain(settings, uris, args.max_new_tokens, workdir)
+            run = drain(settings, uris, args.max_new_tokens, args.log_dir or workdir)
             summary["runs"].append(run)
             print_run(run)
         if args.peer_python:

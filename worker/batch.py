@@ -122,11 +122,13 @@ class Batch:
     def run(self, job: AudioJob, queue: Queue, execution: Execution) -> None:
         """Run the first job and every job taken while it runs, until none is held and none is waiting."""
         started = time.perf_counter()
+        totals: dict[str, float] = {}
         try:
             self.hold(job, queue, execution)
             while self.held:
                 try:
-                    self.engine.stream(self.feed, self.on_done)
+                    for key, value in self.engine.stream(self.feed, self.on_done).items():  # summed; peaks: the max
+                        totals[key] = (max if key.startswith("peak") else sum)((totals.get(key, 0), value))
                 except JobTimeoutException as exc:  # the alarm fired outside any one clip's work
                     self.disarm()
                     self.hard_limit_outside_a_clip(exc)
@@ -137,8 +139,9 @@ class Batch:
         finally:
             self.disarm()
             self.pool.shutdown(wait=False, cancel_futures=True)
-        log.info("batch: %d jobs in %.3f s, %.3f s of it outside the engine (queues, storage, records)",
-                 self.claims, time.perf_counter() - started, self.outside)
+        log.info("batch: %d jobs in %.3f s, %.3f s of it outside the engine (queues, storage, records); engine: %s",
+                 self.claims, time.perf_counter() - started, self.outside,
+                 ", ".join(f"{k} {v:.3g}" for k, v in sorted(totals.items())))
 
     def feed(self, free: int) -> list[ClipRequest]:
         """The engine asks for up to ``free`` clips before every step (0 while it is full): collect what
