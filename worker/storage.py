@@ -3,12 +3,12 @@
 Where and how to reach S3 (endpoint, region, addressing style, profile, timeouts) comes
 from the worker's settings, credentials from boto3's own chain; a job only names the
 object. Downloads stream to a temporary file that is always removed, under the size limit
-checked twice: from HEAD before any byte is read, and while streaming (a HEAD can be
-missing or stale). Storage errors become the failure codes a producer can act on:
+checked twice: from the response's Content-Length before any byte of the body is read, and
+while streaming (the header can be missing or wrong). Storage errors become the failure codes a producer can act on:
 ``audio_not_found``, ``access_denied``, ``audio_too_large``, and ``storage_unavailable``
 for what may pass (connection refused, timeouts, 5xx, throttling), which the job retries.
 
-Bounds. One storage attempt (HEAD + GET + the whole body, or an output check or write)
+Bounds. One storage attempt (a GET and the whole body, or an output check or write)
 runs in a helper thread and is waited for at most ``s3_attempt_timeout`` seconds, and never
 past the job's deadline: botocore's ``read_timeout`` bounds each socket read only, so a
 server that accepts and never answers cost three of them per attempt, and one that drips
@@ -59,6 +59,11 @@ from producer.settings import Settings
 from producer.writers import get_writer
 
 CHUNK_BYTES = 1 << 20
+CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                   "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_CA_BUNDLE")
+MAX_CLIENTS = 8  # S3 configurations kept at once (a worker has one; tests make many)
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
 T = TypeVar("T")
 
 _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound", "InvalidBucketName"}
@@ -185,10 +190,24 @@ def _bounded(uri: str, what: str, settings: Settings, deadline: float | None,
 
 
 def _client(settings: Settings):
-    """An S3 client whose single reads never wait longer than a whole attempt may last."""
+    """The S3 client for these settings, whose single reads never wait longer than a whole attempt may last.
+
+    Built once and shared by every thread (boto3 clients are thread-safe; sessions are not):
+    building one parses botocore's service model, tens of milliseconds of Python holding the
+    interpreter lock that the decode loop needs. Keyed by the S3 settings and the credential
+    variables of the environment, so a change of either gets a client of its own.
+    """
     limit = settings.s3_attempt_timeout
-    return s3_client(settings.model_copy(update={"s3_read_timeout": min(settings.s3_read_timeout, limit),
-                                                 "s3_connect_timeout": min(settings.s3_connect_timeout, limit)}))
+    bounded = settings.model_copy(update={"s3_read_timeout": min(settings.s3_read_timeout, limit),
+                                          "s3_connect_timeout": min(settings.s3_connect_timeout, limit)})
+    key = (bounded.s3_endpoint_url, bounded.s3_region, bounded.s3_addressing_style, bounded.s3_profile,
+           bounded.s3_read_timeout, bounded.s3_connect_timeout, *(os.environ.get(v) for v in CREDENTIAL_VARS))
+    with _clients_lock:
+        if key not in _clients:
+            if len(_clients) >= MAX_CLIENTS:
+                del _clients[next(iter(_clients))]
+            _clients[key] = s3_client(bounded)
+        return _clients[key]
 
 
 def _check_bucket(uri: str, settings: Settings) -> None:
@@ -268,13 +287,13 @@ def _download(uri: str, path: Path, settings: Settings, attempt: _Attempt) -> No
     client = None
     try:
         client = _client(settings)
-        size = client.head_object(Bucket=bucket, Key=key).get("ContentLength")
-        if size is not None and size > limit:
-            raise _too_large(uri, size, limit)
-        body = client.get_object(Bucket=bucket, Key=key)["Body"]
-        attempt.body = body
+        response = client.get_object(Bucket=bucket, Key=key)
+        body = attempt.body = response["Body"]
         written = 0
         with body:
+            size = response.get("ContentLength")
+            if size is not None and size > limit:
+                raise _too_large(uri, size, limit)
             if attempt.stopped.is_set():
                 return
             with open(path, "wb") as out:

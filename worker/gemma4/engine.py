@@ -22,8 +22,10 @@ the seam tests and benchmarks use.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +34,8 @@ import numpy as np
 
 from producer.failures import AudioqError, FailureCode
 from worker.gemma4.decoder import Decoder
-from worker.gemma4.features import MAX_SAMPLES, SAMPLE_RATE, audio_token_count, log_mel
+from worker.gemma4.features import (MAX_SAMPLES, SAMPLE_RATE, audio_token_count, batch_features, clip_features,
+                                    frame_count)
 from worker.gemma4.loader import LoadedModel, load_model
 from worker.gemma4.projector import valid_rows
 from worker.gemma4.prompt import PromptBuilder
@@ -122,6 +125,9 @@ class Engine:
         self.limits = dict(max_rows=max_rows, max_batch_tokens=max_batch_tokens, prefill_tokens=prefill_tokens)
         self.encode_rows = encode_rows
         self.tower_buckets = mx.cuda.is_available() if tower_buckets is None else tower_buckets
+        # the front-end of a tower batch, clip by clip: NumPy releases the lock, so it spreads over cores
+        self.front_end = ThreadPoolExecutor(max_workers=min(encode_rows, os.cpu_count() or 1),
+                                            thread_name_prefix="audioq-front-end")
 
     @classmethod
     def load(cls, model: str, **options: int | bool | None) -> "Engine":
@@ -133,14 +139,21 @@ class Engine:
                ) -> tuple[list[mx.array], dict[str, float]]:
         """Audio soft-token rows [n_i, H] per clip: front-end, tower and projector as one batch."""
         started = time.perf_counter()
-        features, mask = log_mel([c.astype(np.float32, copy=False) for c in clips],
-                                 self._tower_length(max(c.size for c in clips)))
-        mx.eval(features, mask)
+        features, mask = self._features(clips)
         front_end = time.perf_counter()
         if on_stage is not None:
             on_stage("audio_tower")
         per_clip = self._tower(features, mask)
         return per_clip, {"front_end": front_end - started, "audio_tower": time.perf_counter() - front_end}
+
+    def _features(self, clips: list[np.ndarray]) -> tuple[mx.array, mx.array]:
+        """Log-mel features and mask of a tower batch: each clip's frames in a thread, then padded together."""
+        waves = [c.astype(np.float32, copy=False) for c in clips]
+        per_clip = list(self.front_end.map(clip_features, waves)) if len(waves) > 1 else [clip_features(waves[0])]
+        longest = max(w.size for w in waves)
+        features, mask = batch_features(per_clip, frame_count(longest, self._tower_length(longest)))
+        mx.eval(features, mask)
+        return features, mask
 
     def _tower_length(self, samples: int) -> int:
         return tower_length(samples) if self.tower_buckets else samples
@@ -189,9 +202,7 @@ class Engine:
     def _encoded(self, group: list[tuple[ClipRequest, int]], stop: frozenset[int], on_done: DoneHook,
                  stats: dict[str, float]) -> list[Row]:
         started = time.perf_counter()
-        features, mask = log_mel([c.samples.astype(np.float32, copy=False) for c, _ in group],
-                                 self._tower_length(max(c.samples.size for c, _ in group)))
-        mx.eval(features, mask)
+        features, mask = self._features([c.samples for c, _ in group])
         front_end = time.perf_counter() - started
         live = []
         for i, (clip, count) in enumerate(group):

@@ -3,7 +3,9 @@
 Pure functions over mono 16 kHz float32 clips. The frames are computed in NumPy: on
 the CPU it is several times faster than MLX for this size (a 30 s clip takes ~8 ms;
 MLX's bundled reference BLAS makes the mel matmul alone ~40 ms), and the result only
-becomes an ``mx.array`` at the end.
+becomes an ``mx.array`` at the end. Each clip is computed on its own (``clip_features``),
+then a batch is assembled by zero-padding (``batch_features``): the same numbers as one
+padded batch, since invalid frames are zero either way.
 """
 
 from __future__ import annotations
@@ -86,6 +88,45 @@ def _check_length(num_samples: int) -> None:
         )
 
 
+def clip_features(wave: np.ndarray) -> np.ndarray:
+    """Log-mel features [V, N_MELS] float32 of one mono 16 kHz clip's valid frames.
+
+    The costly part of the front-end, and thread-safe (NumPy's FFT and matmul release the
+    interpreter lock): the engine runs it for the clips of a batch in parallel. A valid
+    frame's window lies inside the clip, so its features do not depend on how the batch
+    is padded (``batch_features``).
+    """
+    clip = np.asarray(wave, dtype=np.float32)
+    if clip.ndim != 1:
+        raise ValueError(f"expected mono 1-D clips, got shape {clip.shape}")
+    _check_length(clip.shape[0])
+    valid = valid_frame_count(clip.shape[0])
+    signal = np.zeros(LEFT_PAD + clip.shape[0], dtype=np.float32)
+    signal[LEFT_PAD:] = clip
+    step = signal.strides[0]
+    frames = np.lib.stride_tricks.as_strided(signal, shape=(valid, FRAME_LENGTH),  # the 321st sample is never read
+                                             strides=(HOP_LENGTH * step, step), writeable=False)
+    # float64 FFT: faster than NumPy's float32 path here and at least as accurate.
+    spectrum = np.fft.rfft((frames * hann_window()).astype(np.float64), n=N_FFT, axis=-1)
+    return np.log(np.abs(spectrum) @ mel_filters() + MEL_FLOOR).astype(np.float32)
+
+
+def frame_count(num_samples: int, length: int = 0) -> int:
+    """Frames T of a batch whose longest clip has ``num_samples`` samples, padded to at least ``length``."""
+    padded_len = -(-max(num_samples, length) // PAD_MULTIPLE) * PAD_MULTIPLE
+    return max(0, (padded_len + LEFT_PAD - UNFOLD) // HOP_LENGTH + 1)
+
+
+def batch_features(per_clip: list[np.ndarray], num_frames: int) -> tuple[mx.array, mx.array]:
+    """``clip_features`` of a batch, zero-padded to ``num_frames``: features [B, T, N_MELS] and mask [B, T]."""
+    features = np.zeros((len(per_clip), num_frames, N_MELS), dtype=np.float32)
+    mask = np.zeros((len(per_clip), num_frames), dtype=bool)
+    for row, clip in enumerate(per_clip):
+        features[row, :clip.shape[0]] = clip
+        mask[row, :clip.shape[0]] = True
+    return mx.array(features), mx.array(mask)
+
+
 def log_mel(waves: list[np.ndarray], length: int = 0) -> tuple[mx.array, mx.array]:
     """Log-mel features of a batch of mono 16 kHz clips.
 
@@ -96,36 +137,9 @@ def log_mel(waves: list[np.ndarray], length: int = 0) -> tuple[mx.array, mx.arra
     Returns:
         features: [B, T, N_MELS] float32, ln(mel + 1e-3), exactly 0.0 on invalid frames.
         mask: [B, T] bool, True where the frame's window is inside the clip (a prefix).
-        T = (ceil(max(max_len, length) / 128) * 128 - 161) // 160 + 1 (0 if the batch is shorter).
+        T = ``frame_count``: (ceil(max(max_len, length) / 128) * 128 - 161) // 160 + 1.
     """
     if len(waves) == 0:
         raise ValueError("log_mel needs at least one clip")
-    clips = [np.asarray(w, dtype=np.float32) for w in waves]
-    for clip in clips:
-        if clip.ndim != 1:
-            raise ValueError(f"expected mono 1-D clips, got shape {clip.shape}")
-        _check_length(clip.shape[0])
-
-    lengths = [clip.shape[0] for clip in clips]
-    padded_len = -(-max(*lengths, length) // PAD_MULTIPLE) * PAD_MULTIPLE
-    num_frames = max(0, (padded_len + LEFT_PAD - UNFOLD) // HOP_LENGTH + 1)
-
-    batch = np.zeros((len(clips), LEFT_PAD + padded_len), dtype=np.float32)
-    for row, clip in zip(batch, clips):
-        row[LEFT_PAD : LEFT_PAD + clip.shape[0]] = clip
-
-    step = batch.strides[1]
-    frames = np.lib.stride_tricks.as_strided(
-        batch,
-        shape=(len(clips), num_frames, FRAME_LENGTH),  # the 321st sample is never read
-        strides=(batch.strides[0], HOP_LENGTH * step, step),
-        writeable=False,
-    )
-    # float64 FFT: faster than NumPy's float32 path here and at least as accurate.
-    spectrum = np.fft.rfft((frames * hann_window()).astype(np.float64), n=N_FFT, axis=-1)
-    features = np.log(np.abs(spectrum) @ mel_filters() + MEL_FLOOR).astype(np.float32)
-
-    valid = np.array([valid_frame_count(n) for n in lengths])
-    mask = np.arange(num_frames)[None, :] < valid[:, None]
-    features *= mask[..., None]
-    return mx.array(features), mx.array(mask)
+    per_clip = [clip_features(w) for w in waves]
+    return batch_features(per_clip, frame_count(max(np.shape(w)[0] for w in waves), length))
