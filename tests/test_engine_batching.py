@@ -145,6 +145,16 @@ def test_tower_batches_padded_to_shape_buckets_give_the_same_tokens(engine, wave
     assert [out.tokens for _, out in sorted(outputs, key=lambda pair: pair[0])] == alone[:len(waves)]
 
 
+def test_a_front_end_begun_early_gives_the_same_tokens(engine, waves, alone):
+    """What a worker does as it queues clips (``start_front_end``): the frames are ready sooner, not different."""
+    clips = [ClipRequest(w, "Transcribe this audio.", NEW_TOKENS, tag=i) for i, w in enumerate(waves)]
+    for clip in clips[::2]:  # a tower batch of clips begun early and clips not begun
+        engine.start_front_end(clip)
+    outputs = {}
+    engine.stream(feeder(clips), lambda clip, out: outputs.__setitem__(clip.tag, out.tokens), stop_ids=())
+    assert [outputs[i] for i in range(len(waves))] == alone[:len(waves)]
+
+
 def test_warm_up_takes_time_once_and_changes_no_result(engine, prompts, alone):
     seconds = engine.warm_up()
     assert seconds > 0

@@ -33,7 +33,7 @@ import signal
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from rq.timeouts import JobTimeoutException
@@ -269,7 +269,9 @@ class Batch:
                 held.step = self.pool.submit(self.riding_out, held.work.result,
                                              f"writing the result of job {held.job.id}")
                 return
-            held.waiting += held.work.clips()
+            for clip in held.work.clips():
+                self.engine.start_front_end(clip)
+                held.waiting.append(clip)
         except Exception as exc:  # the job's own next step failed (its answer turn over budget, ...): it alone ends
             self.end(held, exc)
             return
@@ -299,8 +301,7 @@ class Batch:
                 if self.tokens + cost > self.settings.batch_token_budget and (self.in_flight or handed):
                     return handed
                 original = held.waiting.pop(0)
-                clip = ClipRequest(original.samples, original.instruction, original.max_new_tokens,
-                                   self.hook_for(held, original), original.tag)
+                clip = replace(original, on_stage=self.hook_for(held, original))
                 self.in_flight[id(clip)] = (held, original, clip, cost)
                 self.tokens += cost
                 held.in_engine += 1

@@ -25,8 +25,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlx.core as mx
@@ -53,6 +53,7 @@ class ClipRequest:
     max_new_tokens: int
     on_stage: StageHook | None = None  # this clip's check point; raising drops the clip
     tag: Any = None  # the caller's, untouched
+    frames: Future | None = None  # its front-end, begun early by ``Engine.start_front_end``
 
 
 @dataclass
@@ -139,18 +140,24 @@ class Engine:
                ) -> tuple[list[mx.array], dict[str, float]]:
         """Audio soft-token rows [n_i, H] per clip: front-end, tower and projector as one batch."""
         started = time.perf_counter()
-        features, mask = self._features(clips)
+        features, mask = self._features(clips, [None] * len(clips))
         front_end = time.perf_counter()
         if on_stage is not None:
             on_stage("audio_tower")
         per_clip = self._tower(features, mask)
         return per_clip, {"front_end": front_end - started, "audio_tower": time.perf_counter() - front_end}
 
-    def _features(self, clips: list[np.ndarray]) -> tuple[mx.array, mx.array]:
+    def start_front_end(self, clip: ClipRequest) -> None:
+        """Compute the clip's log-mel frames in the background from now on (a worker calls it when it
+        queues the clip), so that the loop, which the decoder needs, only pads them into a batch."""
+        if clip.samples is not None and clip.frames is None:
+            clip.frames = self.front_end.submit(clip_features, clip.samples)
+
+    def _features(self, clips: list[np.ndarray], begun: list[Future | None]) -> tuple[mx.array, mx.array]:
         """Log-mel features and mask of a tower batch: each clip's frames in a thread, then padded together."""
-        waves = [c.astype(np.float32, copy=False) for c in clips]
-        per_clip = list(self.front_end.map(clip_features, waves)) if len(waves) > 1 else [clip_features(waves[0])]
-        longest = max(w.size for w in waves)
+        frames = [f or self.front_end.submit(clip_features, c) for c, f in zip(clips, begun)]
+        per_clip = [f.result() for f in frames]
+        longest = max(c.size for c in clips)
         features, mask = batch_features(per_clip, frame_count(longest, self._tower_length(longest)))
         mx.eval(features, mask)
         return features, mask
@@ -202,7 +209,7 @@ class Engine:
     def _encoded(self, group: list[tuple[ClipRequest, int]], stop: frozenset[int], on_done: DoneHook,
                  stats: dict[str, float]) -> list[Row]:
         started = time.perf_counter()
-        features, mask = self._features([c.samples for c, _ in group])
+        features, mask = self._features([c.samples for c, _ in group], [c.frames for c, _ in group])
         front_end = time.perf_counter() - started
         live = []
         for i, (clip, count) in enumerate(group):
@@ -275,7 +282,7 @@ class Engine:
                 own(stage)
             extra(stage)
 
-        return ClipRequest(clip.samples, clip.instruction, clip.max_new_tokens, hook, clip.tag)
+        return replace(clip, on_stage=hook)
 
     def stream(self, feed: Feed, on_done: DoneHook, *, stop_ids: tuple[int, ...] | None = None,
                **limits: int) -> dict[str, float]:
