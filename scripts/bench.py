@@ -3,7 +3,7 @@
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
         .venv/bin/python scripts/bench.py [--model DIR] [--clips 256] [--min-seconds 2] [--max-seconds 30] \\
         [--max-new-tokens 64] [--batch 1 32] [--token-budget 32768] [--peer-python /tmp/vlmenv/bin/python] [--peer-clips 16] \\
-        [--json summary.json] [--log-dir DIR]
+        [--json summary.json] [--log-dir DIR] [--profile]
 
 Starts its own redis-server and moto's S3 server (nothing kept), uploads ``--clips`` WAVs of
 mixed length (``bench_common.synthetic_clip``: clip i lasts a seeded random 2-30 s), enqueues
@@ -46,6 +46,7 @@ from bench_common import synthetic_clip  # noqa: E402
 from demo import free_port, start_redis  # noqa: E402
 
 WORKER_MODE = "--run-worker"
+PROFILE_VARIABLE = "AUDIOQ_BENCH_PROFILE"
 STAGES = ("fetch", "decode_audio", "front_end", "audio_tower", "prefill", "generate", "write")
 BATCH_LINE = re.compile(r"batch: (\d+) jobs in ([\d.]+) s, ([\d.]+) s of it outside the engine")
 WARM_UP_LINE = re.compile(r"warm-up .* took ([\d.]+) s")
@@ -83,7 +84,7 @@ def upload(endpoint: str, lengths: list[float]) -> list[str]:
     return uris
 
 
-def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path) -> dict:
+def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile: bool = False) -> dict:
     """Enqueue the backlog, drain it with one burst worker subprocess, and summarise the records."""
     import redis
 
@@ -97,6 +98,8 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path) -> dict
     enqueue_seconds = time.perf_counter() - started
     log_path = log_dir / f"worker-{settings.batch_max_jobs}.log"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    if profile:
+        env[PROFILE_VARIABLE] = str(log_dir / f"worker-{settings.batch_max_jobs}.profile.txt")
     with open(log_path, "w") as log:
         subprocess.run([sys.executable, __file__, WORKER_MODE, settings.model_dump_json()], env=env, stdout=log,
                        stderr=subprocess.STDOUT, check=True)
@@ -153,7 +156,18 @@ def run_worker_mode(settings_json: str) -> int:
     from producer.settings import Settings
     from worker.process import run_worker
 
-    status = run_worker(Settings.model_validate_json(settings_json), burst=True)
+    settings = Settings.model_validate_json(settings_json)
+    profile = os.environ.get(PROFILE_VARIABLE)
+    if profile:  # the worker's main thread (the decode loop) under cProfile, its top functions to the file
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        status = profiler.runcall(run_worker, settings, burst=True)
+        with open(profile, "w") as out:
+            pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(60)
+    else:
+        status = run_worker(settings, burst=True)
     print("BENCH-WORKER " + json.dumps(memory()), flush=True)
     return status
 
@@ -174,6 +188,8 @@ def main() -> int:
     parser.add_argument("--peer-clips", type=int, default=16, help="how many of the clips the peer runs")
     parser.add_argument("--json", help="write the summary here")
     parser.add_argument("--log-dir", type=Path, help="keep the worker logs here (default: deleted with the run)")
+    parser.add_argument("--profile", action="store_true",
+                        help="run each worker's main thread under cProfile; its top functions go beside its log")
     args = parser.parse_args()
     if args.log_dir:
         args.log_dir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +214,7 @@ def main() -> int:
             settings = load_settings(environ={}, redis_url=redis_url, model=model, s3_endpoint_url=endpoint,
                                      s3_region="us-east-1", s3_addressing_style="path", batch_max_jobs=batch,
                                      batch_token_budget=args.token_budget, prefetch_jobs=args.prefetch, default_max_new_tokens=args.max_new_tokens)
-            run = drain(settings, uris, args.max_new_tokens, args.log_dir or workdir)
+            run = drain(settings, uris, args.max_new_tokens, args.log_dir or workdir, args.profile)
             summary["runs"].append(run)
             print_run(run)
         if args.peer_python:
