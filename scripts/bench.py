@@ -2,7 +2,7 @@
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
         .venv/bin/python scripts/bench.py [--model DIR] [--clips 256] [--min-seconds 2] [--max-seconds 30] \\
-        [--max-new-tokens 64] [--batch 1 32] [--token-budget 32768] [--peer-python /tmp/vlmenv/bin/python] [--peer-clips 16] \\
+        [--max-new-tokens 64] [--batch 1 32] [--token-budget 32768] [--prefetch 4] [--join-jobs 1] [--peer-python /tmp/vlmenv/bin/python] [--peer-clips 16] \\
         [--json summary.json] [--log-dir DIR] [--profile]
 
 Starts its own redis-server and moto's S3 server (nothing kept), uploads ``--clips`` WAVs of
@@ -182,6 +182,7 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch_max_jobs values to run")
     parser.add_argument("--prefetch", type=int, default=4, help="prefetch_jobs")
+    parser.add_argument("--join-jobs", type=int, default=1, help="batch_join_jobs")
     parser.add_argument("--token-budget", type=int, default=32768,
                         help="batch_token_budget: KV rows the running clips may hold (a GPU takes far more)")
     parser.add_argument("--peer-python", help="python of a venv with mlx-vlm 0.7.10 (skipped without)")
@@ -213,7 +214,8 @@ def main() -> int:
         for batch in args.batch:
             settings = load_settings(environ={}, redis_url=redis_url, model=model, s3_endpoint_url=endpoint,
                                      s3_region="us-east-1", s3_addressing_style="path", batch_max_jobs=batch,
-                                     batch_token_budget=args.token_budget, prefetch_jobs=args.prefetch, default_max_new_tokens=args.max_new_tokens)
+                                     batch_token_budget=args.token_budget, prefetch_jobs=args.prefetch,
+                                     batch_join_jobs=args.join_jobs, default_max_new_tokens=args.max_new_tokens)
             run = drain(settings, uris, args.max_new_tokens, args.log_dir or workdir, args.profile)
             summary["runs"].append(run)
             print_run(run)

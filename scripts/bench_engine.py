@@ -43,9 +43,11 @@ from worker.gemma4.engine import ClipRequest, Engine  # noqa: E402
 INSTRUCTION = "Transcribe this audio."
 
 
-def stream(engine: Engine, clips: list[np.ndarray], max_new_tokens: int, **limits: int) -> dict:
-    """All clips as one stream; totals of the stream plus each clip's outputs."""
+def stream(engine: Engine, clips: list[np.ndarray], max_new_tokens: int, per_step: int | None = None,
+           **limits: int) -> dict:
+    """All clips as one stream, at most ``per_step`` given a step; totals of the stream plus each clip's outputs."""
     pending = [ClipRequest(c, INSTRUCTION, max_new_tokens) for c in clips]
+    per_step = per_step or len(pending)
     outputs = []
 
     def on_done(clip, outcome):
@@ -55,7 +57,7 @@ def stream(engine: Engine, clips: list[np.ndarray], max_new_tokens: int, **limit
 
     mx.reset_peak_memory()
     started = time.perf_counter()
-    stats = engine.stream(lambda free: [pending.pop(0) for _ in range(min(free, len(pending)))],
+    stats = engine.stream(lambda free: [pending.pop(0) for _ in range(min(free, per_step, len(pending)))],
                           on_done, stop_ids=(), **limits)
     wall = time.perf_counter() - started
     return {**stats, "wall": wall, "outputs": outputs, "peak_mlx_memory_mb": mx.get_peak_memory() / 2**20}
@@ -72,12 +74,13 @@ def bench_clip(engine: Engine, samples: np.ndarray, max_new_tokens: int) -> dict
             "decode_tok_s": (produced - 1) / t["generate"] if produced > 1 else 0.0}
 
 
-def bench_batch(engine: Engine, clips: list[np.ndarray], max_new_tokens: int, repeat: int, alone: bool) -> dict:
+def bench_batch(engine: Engine, clips: list[np.ndarray], max_new_tokens: int, repeat: int, alone: bool,
+                per_step: int | None) -> dict:
     audio = sum(c.size for c in clips) / 16000
-    first = stream(engine, clips, max_new_tokens)  # the first use of these shapes
+    first = stream(engine, clips, max_new_tokens, per_step)  # the first use of these shapes
     runs = []
     for _ in range(repeat):
-        run = stream(engine, clips, max_new_tokens)
+        run = stream(engine, clips, max_new_tokens, per_step)
         runs.append({"wall": run["wall"], "audio_s_per_s": audio / run["wall"],
                      "decode_tok_s": run["tokens"] / run["decode"],
                      "front_end": run["front_end"], "audio_tower": run["audio_tower"],
@@ -134,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rows", type=int, default=None, help="the engine's max_rows (default: its own)")
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="the engine's KV budget (default: its own)")
     parser.add_argument("--encode-rows", type=int, default=None, help="clips per tower batch (default: the engine's)")
+    parser.add_argument("--join-rows", type=int, default=None, help="the engine's join_rows (default: its own)")
+    parser.add_argument("--feed-per-step", type=int, default=None,
+                        help="batched streams get at most this many clips a step, as a worker's prefetch feeds them")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-alone", action="store_true", help="skip running each batch's clips one at a time")
@@ -148,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
                                      layout=args.layout, bits=args.bits))
     started = time.perf_counter()
     options = {name: value for name, value in (("max_rows", args.max_rows), ("encode_rows", args.encode_rows),
-                                               ("max_batch_tokens", args.max_batch_tokens)) if value}
+                                               ("max_batch_tokens", args.max_batch_tokens),
+                                               ("join_rows", args.join_rows)) if value}
+    if args.join_rows:
+        options["join_wait"] = 0.25
     engine = Engine.load(model, **options)
     load_seconds = time.perf_counter() - started
     warm_up_seconds = engine.warm_up()
@@ -167,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         for kind in kinds:
             batch = batch_clips(kind, count)
             batches.append({"name": f"{count} {kind}", **bench_batch(engine, batch, args.max_new_tokens,
-                                                                     args.repeat, not args.no_alone)})
+                                                                     args.repeat, not args.no_alone,
+                                                                     args.feed_per_step)})
 
     report = {
         "model": args.model or f"tiny {args.preset} ({args.layout}{f', {args.bits}-bit' if args.bits else ''})",

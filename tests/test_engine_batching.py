@@ -155,6 +155,23 @@ def test_a_front_end_begun_early_gives_the_same_tokens(engine, waves, alone):
     assert [outputs[i] for i in range(len(waves))] == alone[:len(waves)]
 
 
+@pytest.mark.parametrize("join_rows, prefills", [(1, 5), (3, 3)])
+def test_clips_fed_one_a_step_join_in_groups_of_join_rows(engine, waves, alone, join_rows, prefills):
+    """A worker's prefetch hands clips over one at a time; with ``join_rows`` they prefill together.
+
+    Five equal clips, one a step: alone, each joins at the next step (five prefills); in
+    threes, the first runs at once, the next three join together, and the last, with no
+    company coming, joins when the batch empties (``join_wait`` is long here).
+    """
+    grouping = Engine(engine.model, join_rows=join_rows, join_wait=60.0)
+    clips = [ClipRequest(waves[2], "Transcribe this audio.", NEW_TOKENS, tag=i) for i in range(5)]
+    outputs = {}
+    stats = grouping.stream(lambda free: [clips.pop(0)] if free and clips else [],
+                            lambda clip, out: outputs.__setitem__(clip.tag, out.tokens), stop_ids=())
+    assert [outputs[i] for i in range(5)] == [alone[2]] * 5
+    assert stats["prefills"] == prefills and stats["rows"] == 5
+
+
 def test_warm_up_takes_time_once_and_changes_no_result(engine, prompts, alone):
     seconds = engine.warm_up()
     assert seconds > 0

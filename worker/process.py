@@ -508,7 +508,8 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, burst: bo
     try:
         # A job's clips are rows; the settings' memory budget is the engine's KV-cache bound.
         engine = Engine.load(settings.model, max_rows=settings.batch_max_jobs,
-                             max_batch_tokens=settings.batch_token_budget)
+                             max_batch_tokens=settings.batch_token_budget, join_rows=settings.batch_join_jobs,
+                             join_wait=settings.batch_join_wait)
     except AudioqError as exc:
         log.error("cannot load model %s: %s", settings.model, exc.message)
         return 3

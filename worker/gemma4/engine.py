@@ -105,14 +105,17 @@ class Engine:
     - ``prefill_tokens``: padded prompt tokens prefilled in one call;
     - ``encode_rows``: clips through the front-end and tower in one padded batch;
     - ``tower_buckets``: pad tower batches to ``shapes.tower_length`` (default: on MLX's CUDA
-      backend, whose convolution plans are per shape; elsewhere padding only costs compute).
+      backend, whose convolution plans are per shape; elsewhere padding only costs compute);
+    - ``join_rows`` / ``join_wait``: while rows run, new clips join in groups of this many, or
+      once the first has waited this long (``Scheduler``; 1: each joins at the next step).
     """
 
     sample_rate = SAMPLE_RATE
     max_clip_seconds = MAX_SAMPLES / SAMPLE_RATE
 
     def __init__(self, model: LoadedModel, *, max_rows: int = 32, max_batch_tokens: int = 32_768,
-                 prefill_tokens: int = 8_192, encode_rows: int = 8, tower_buckets: bool | None = None):
+                 prefill_tokens: int = 8_192, encode_rows: int = 8, tower_buckets: bool | None = None,
+                 join_rows: int = 1, join_wait: float = 0.0):
         if model.audio_tower is None:
             raise AudioqError(FailureCode.MODEL_ERROR,
                               f"model {model.name} has no audio tower (its config.json has no "
@@ -123,7 +126,8 @@ class Engine:
         self.model_id = model.name
         self.decoder = Decoder(model.text, model.config.tokens)
         self.prompts = PromptBuilder(model.tokenizer, model.config.tokens)
-        self.limits = dict(max_rows=max_rows, max_batch_tokens=max_batch_tokens, prefill_tokens=prefill_tokens)
+        self.limits = dict(max_rows=max_rows, max_batch_tokens=max_batch_tokens, prefill_tokens=prefill_tokens,
+                           join_rows=join_rows, join_wait=join_wait)
         self.encode_rows = encode_rows
         self.tower_buckets = mx.cuda.is_available() if tower_buckets is None else tower_buckets
         # the front-end of a tower batch, clip by clip: NumPy releases the lock, so it spreads over cores
