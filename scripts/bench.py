@@ -2,7 +2,7 @@
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
         .venv/bin/python scripts/bench.py [--model DIR] [--clips 256] [--min-seconds 2] [--max-seconds 30] \\
-        [--max-new-tokens 64] [--batch 1 32] [--token-budget 32768] [--prefetch 4] [--join-jobs 1] [--peer-python /tmp/vlmenv/bin/python] [--peer-clips 16] \\
+        [--max-new-tokens 64] [--batch 1 32] [--token-budget 32768] [--prefetch 4] [--join-jobs 8] [--peer-python /tmp/vlmenv/bin/python] [--peer-clips 16] \\
         [--json summary.json] [--log-dir DIR] [--profile]
 
 Starts its own redis-server and moto's S3 server (nothing kept), uploads ``--clips`` WAVs of
@@ -182,7 +182,7 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch_max_jobs values to run")
     parser.add_argument("--prefetch", type=int, default=4, help="prefetch_jobs")
-    parser.add_argument("--join-jobs", type=int, default=1, help="batch_join_jobs")
+    parser.add_argument("--join-jobs", type=int, default=8, help="batch_join_jobs")
     parser.add_argument("--token-budget", type=int, default=32768,
                         help="batch_token_budget: KV rows the running clips may hold (a GPU takes far more)")
     parser.add_argument("--peer-python", help="python of a venv with mlx-vlm 0.7.10 (skipped without)")

@@ -172,6 +172,17 @@ def test_clips_fed_one_a_step_join_in_groups_of_join_rows(engine, waves, alone, 
     assert stats["prefills"] == prefills and stats["rows"] == 5
 
 
+def test_a_lone_clip_waits_at_most_join_wait_to_join_a_running_batch(engine, waves):
+    """No company comes: after ``join_wait`` it joins anyway, while the long row still runs."""
+    grouping = Engine(engine.model, join_rows=8, join_wait=0.2)
+    long = ClipRequest(waves[0], "Transcribe this audio.", 400, tag="long")
+    late = ClipRequest(waves[1], "Transcribe this audio.", 4, tag="late")
+    pending, finished = [[long], [late]], []
+    stats = grouping.stream(lambda free: pending.pop(0) if free and pending else [],
+                            lambda clip, out: finished.append(clip.tag), stop_ids=())
+    assert finished == ["late", "long"] and stats["peak_rows"] == 2
+
+
 def test_warm_up_takes_time_once_and_changes_no_result(engine, prompts, alone):
     seconds = engine.warm_up()
     assert seconds > 0

@@ -33,6 +33,7 @@ import mlx.core as mx
 import numpy as np
 
 from producer.failures import AudioqError, FailureCode
+from worker.gemma4.arrivals import Arrivals
 from worker.gemma4.decoder import Decoder
 from worker.gemma4.features import (MAX_SAMPLES, SAMPLE_RATE, audio_token_count, batch_features, clip_features,
                                     frame_count)
@@ -106,8 +107,8 @@ class Engine:
     - ``encode_rows``: clips through the front-end and tower in one padded batch;
     - ``tower_buckets``: pad tower batches to ``shapes.tower_length`` (default: on MLX's CUDA
       backend, whose convolution plans are per shape; elsewhere padding only costs compute);
-    - ``join_rows`` / ``join_wait``: while rows run, new clips join in groups of this many, or
-      once the first has waited this long (``Scheduler``; 1: each joins at the next step).
+    - ``join_rows`` / ``join_wait``: while rows run, new clips go in (tower, prefill) in groups
+      of this many, or once the first has waited this long (``arrivals.py``; 1: each at once).
     """
 
     sample_rate = SAMPLE_RATE
@@ -126,8 +127,9 @@ class Engine:
         self.model_id = model.name
         self.decoder = Decoder(model.text, model.config.tokens)
         self.prompts = PromptBuilder(model.tokenizer, model.config.tokens)
-        self.limits = dict(max_rows=max_rows, max_batch_tokens=max_batch_tokens, prefill_tokens=prefill_tokens,
-                           join_rows=join_rows, join_wait=join_wait)
+        self.limits = dict(max_rows=max_rows, max_batch_tokens=max_batch_tokens, prefill_tokens=prefill_tokens)
+        self.join = dict(join_rows=join_rows, join_wait=join_wait)
+        Arrivals(**self.join)  # refuses a bad policy now rather than in the first stream
         self.encode_rows = encode_rows
         self.tower_buckets = mx.cuda.is_available() if tower_buckets is None else tower_buckets
         # the front-end of a tower batch, clip by clip: NumPy releases the lock, so it spreads over cores
@@ -300,10 +302,15 @@ class Engine:
         """
         scheduler = self._scheduler(limits)
         stop = self._stop(stop_ids)
+        arrivals: Arrivals[ClipRequest] = Arrivals(**self.join)
 
         def rows(free: int) -> list[Row] | None:
-            clips = list(feed(free))
-            return self._rows(clips, stop, on_done, scheduler.stats) if clips else None
+            clips = list(feed(max(free - len(arrivals.pending), 0)))
+            arrivals.add(clips)
+            ready = arrivals.take(running=bool(scheduler.rows), room=free)
+            if ready:
+                return self._rows(ready, stop, on_done, scheduler.stats)
+            return [] if arrivals.pending else None
 
         def finish(row: Row, outcome: list[int] | BaseException) -> None:
             on_done(row.owner, outcome if isinstance(outcome, BaseException) else self._output(row))

@@ -42,7 +42,6 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     joined: float | None = None  # perf_counter when it first joined the batch
-    queued: float = 0.0  # perf_counter when it last began to wait for the batch
 
     @property
     def reserve(self) -> int:
@@ -96,20 +95,12 @@ def pack(sizes: list[int], *, max_padded: int, max_count: int | None = None,
 
 
 class Scheduler:
-    """``join_rows`` / ``join_wait``: while rows run, waiting rows join once ``join_rows`` of them
-    wait (or no more fit) or the first has waited ``join_wait`` seconds, so that a stream fed
-    a row at a time prefills in groups rather than pausing the batch at every step."""
-
-    def __init__(self, decoder: Decoder, *, max_rows: int, max_batch_tokens: int, prefill_tokens: int,
-                 join_rows: int = 1, join_wait: float = 0.0):
-        check_limits(max_rows=max_rows, max_batch_tokens=max_batch_tokens, prefill_tokens=prefill_tokens,
-                     join_rows=join_rows)
+    def __init__(self, decoder: Decoder, *, max_rows: int, max_batch_tokens: int, prefill_tokens: int):
+        check_limits(max_rows=max_rows, max_batch_tokens=max_batch_tokens, prefill_tokens=prefill_tokens)
         self.decoder = decoder
         self.max_rows = max_rows
         self.max_batch_tokens = max_batch_tokens
         self.prefill_tokens = prefill_tokens
-        self.join_rows = join_rows
-        self.join_wait = join_wait
         self.waiting: deque[Row] = deque()
         self.rows: list[Row] = []
         self.batch: KVBatch | None = None
@@ -137,9 +128,7 @@ class Scheduler:
         while True:
             free = self.free()
             fed = feed(free)
-            for row in fed or []:
-                row.queued = time.perf_counter()
-                self.waiting.append(row)
+            self.waiting.extend(fed or [])
             self._admit(finish)
             if not self.rows:
                 if fed is None and not self.waiting:
@@ -150,10 +139,7 @@ class Scheduler:
     # -- joining ------------------------------------------------------------------------
 
     def _admit(self, finish: Finish) -> None:
-        """Move waiting rows that fit into the batch, prefilled in groups (see the class's docstring for when)."""
-        if self.rows and self.waiting and len(self.waiting) < min(self.join_rows, self.max_rows - len(self.rows)) \
-                and time.perf_counter() - self.waiting[0].queued < self.join_wait:
-            return
+        """Move waiting rows that fit into the batch, prefilled in groups."""
         chosen: list[Row] = []
         while self.waiting and len(self.rows) + len(chosen) < self.max_rows:
             row = self.waiting[0]
@@ -294,8 +280,6 @@ class Scheduler:
 
     def _requeue_all(self) -> None:
         """A step did not fit: every running row waits again (first in line), half as many rows."""
-        for row in self.rows:
-            row.queued = time.perf_counter()
         self.waiting.extendleft(reversed(self.rows))
         self.max_rows = max(1, len(self.rows) // 2)
         self.rows, self.batch, self.token = [], None, None
