@@ -291,6 +291,19 @@ def test_rqs_hard_time_limit_fires_during_generation_and_records_timeout(redis_u
     assert 2.0 <= (job.ended_at - job.started_at).total_seconds() and elapsed < 2.0 + 4.0
 
 
+def test_the_hard_time_limit_ends_only_the_job_that_ran_out_of_time(redis_url, redis_conn, engine, long_wav, wav):
+    """The alarm interrupts a decode step that several jobs share: the one with the most time
+    charged fails ``timeout``; the job beside it runs its clip again and finishes."""
+    settings = worker_settings(redis_url, test_hard_timeout=2, lost_after=2.0, batch_max_jobs=2, prefetch_jobs=2)
+    long = enqueue(redis_conn, {"audio_uri": long_wav.as_uri(), "max_new_tokens": 2048}, settings=settings)
+    short = [enqueue(redis_conn, {"audio_uri": wav.as_uri(), "max_new_tokens": 60}, settings=settings,
+                     job_id=f"beside-{n}") for n in range(12)]  # one always shares the steps of the long job
+    run_burst(settings, engine)
+    long = fetch(redis_conn, long.id)
+    assert long.get_status() == "failed" and long.get_meta()[record.META_FAILURE]["code"] == "timeout"
+    assert [fetch(redis_conn, job.id).get_status() for job in short] == ["finished"] * len(short)
+
+
 def test_the_budget_grows_with_the_audio_length(redis_url, redis_conn, engine, long_wav):
     job = run_one(redis_url, redis_conn, engine, {"audio_uri": long_wav.as_uri(), "max_new_tokens": 150},
                   job_timeout_base=0.2, job_timeout_per_audio_second=4.0)

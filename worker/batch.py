@@ -36,10 +36,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from rq.timeouts import JobTimeoutException
-
 from producer.failures import AudioqError, FailureCode
 from worker import task
+from worker.failures import HardTimeLimit
 from worker.gemma4.engine import ClipOutput, ClipRequest
 from worker.gemma4.features import audio_token_count
 from worker.outage import AWAY, Backoff
@@ -129,9 +128,9 @@ class Batch:
                 try:
                     for key, value in self.engine.stream(self.feed, self.on_done).items():  # summed; peaks: the max
                         totals[key] = (max if key.startswith("peak") else sum)((totals.get(key, 0), value))
-                except JobTimeoutException as exc:  # the alarm fired outside any one clip's work
+                except HardTimeLimit as exc:  # the alarm fired inside the engine's work
                     self.disarm()
-                    self.hard_limit_outside_a_clip(exc)
+                    self.hard_limit_reached(exc)
         except (SystemExit, KeyboardInterrupt):  # a cold shutdown
             self.disarm()
             self.abandon()
@@ -367,10 +366,10 @@ class Batch:
             self.armed = False
 
     def hard_limit(self, signum, frame) -> None:
-        raise JobTimeoutException(f"Task exceeded maximum timeout value ({self.settings.hard_timeout} seconds)")
+        raise HardTimeLimit(f"Task exceeded maximum timeout value ({self.settings.hard_timeout} seconds)")
 
-    def hard_limit_outside_a_clip(self, exc: JobTimeoutException) -> None:
-        """The alarm went off between clips' own work: the oldest running job fails; the others' clips run again."""
+    def hard_limit_reached(self, exc: HardTimeLimit) -> None:
+        """The alarm went off in the engine: the job that has run longest fails; the others' clips run again."""
         running = [h for h, *_ in self.in_flight.values()]
         for held, original, _, cost in self.in_flight.values():
             held.in_engine -= 1

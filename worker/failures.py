@@ -19,11 +19,18 @@ from rq.timeouts import JobTimeoutException
 MAX_MESSAGE = 300  # characters of an unexpected exception's text kept in the message
 
 
+class HardTimeLimit(BaseException):
+    """The batch's hard time limit fired (its SIGALRM). A ``BaseException``, unlike RQ's
+    ``JobTimeoutException``: the engine's handlers, which fail the rows of a step or a
+    prefill group on an ``Exception``, let it through, so that the batch ends the one job
+    that ran out of time instead of every job that shared the interrupted call."""
+
+
 def classify(exc: BaseException) -> AudioqError:
     """The failure code and message for any exception that ended a job."""
     if isinstance(exc, AudioqError):
         return exc
-    if isinstance(exc, JobTimeoutException):
+    if isinstance(exc, (JobTimeoutException, HardTimeLimit)):
         # RQ's hard limit (SIGALRM) fired: a step ran past the cooperative deadline without
         # returning to a stage boundary, e.g. one long native call.
         return AudioqError(FailureCode.TIMEOUT, f"the job hit the worker's hard time limit: {exc}")
