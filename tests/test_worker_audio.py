@@ -18,7 +18,7 @@ from conftest import make_tone
 from recordings import write_blockwise
 
 from producer.failures import AudioqError, FailureCode
-from worker.audio import MIN_SAMPLES, SAMPLE_RATE, audio_seconds_from_header, decode_audio, sniff_container
+from worker.audio import MIN_SAMPLES, SAMPLE_RATE, decode_audio, sniff_container
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
 needs_sox = pytest.mark.skipif(shutil.which("sox") is None, reason="sox is not installed")
@@ -230,14 +230,10 @@ def test_a_header_without_a_length_is_limited_while_decoding(tmp_path):
     sf.write(source, make_tone(45.0), SAMPLE_RATE, subtype="PCM_16")
     subprocess.run(f"ffmpeg -loglevel error -i {source} -f flac pipe:1 > {tmp_path / 'p.flac'}", shell=True,
                    check=True)
-    assert audio_seconds_from_header(tmp_path / "p.flac") is None
     message = fails_with(FailureCode.AUDIO_TOO_LONG, tmp_path / "p.flac", max_seconds=30.0)
     assert "longer than 30 s" in message and "at most 30 s" in message
 
 
-def test_the_header_duration_is_read_without_decoding(tmp_path):
-    sf.write(tmp_path / "a.flac", make_tone(12.5, sr=48_000, channels=2), 48_000)
-    assert audio_seconds_from_header(tmp_path / "a.flac") == pytest.approx(12.5)
 
 
 # ------------------------------------------------------------------ long inputs keep their failure codes

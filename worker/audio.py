@@ -149,12 +149,6 @@ def header_seconds(sound_file) -> float | None:
     return sound_file.frames / sound_file.samplerate
 
 
-def audio_seconds_from_header(path: str | os.PathLike) -> float | None:
-    """The header's duration without decoding (None: the header has no length); refusals as ``decode_audio``."""
-    with open_audio(path) as sound_file:
-        return header_seconds(sound_file)
-
-
 def decode_audio(path: str | os.PathLike, *, max_seconds: float | None = None) -> np.ndarray:
     """Mono float32 samples at 16 kHz, shape ``[n]``.
 

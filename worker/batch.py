@@ -41,6 +41,7 @@ from worker import task
 from worker.failures import HardTimeLimit
 from worker.gemma4.engine import ClipOutput, ClipRequest
 from worker.gemma4.features import audio_token_count
+from worker.gemma4.scheduler import is_out_of_memory
 from worker.outage import AWAY, Backoff
 
 if TYPE_CHECKING:
@@ -59,13 +60,6 @@ log = logging.getLogger("audioq.worker")
 
 class JobEnded(Exception):
     """Raised from a clip's stage hook once its job has ended: the engine drops the clip."""
-
-
-def out_of_memory(exc: BaseException) -> bool:
-    """Whether an engine failure says the device ran out of memory (MLX raises RuntimeError for it)."""
-    text = str(exc).lower()
-    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "bad_alloc" in text or "malloc" in text))
 
 
 def clip_cost(clip: ClipRequest) -> int:
@@ -191,7 +185,7 @@ class Batch:
             return
         if isinstance(outcome, BaseException):
             rows = self.rows_in_engine() + 1
-            if out_of_memory(outcome) and rows > 1:  # alone, the clip is too big for this worker: it fails
+            if is_out_of_memory(outcome) and rows > 1:  # alone, the clip is too big for this worker: it fails
                 self.row_cap = max(1, rows // 2)
                 log.warning("job %s: the engine ran out of memory with %d rows; its clip runs again with at most %d "
                             "rows at once", held.job.id, rows, self.row_cap)

@@ -40,14 +40,6 @@ class Chunk:
     end: int
 
     @property
-    def start_seconds(self) -> float:
-        return self.start / SAMPLE_RATE
-
-    @property
-    def end_seconds(self) -> float:
-        return self.end / SAMPLE_RATE
-
-    @property
     def size(self) -> int:
         return self.end - self.start
 

@@ -111,7 +111,6 @@ class Engine:
       of this many, or once the first has waited this long (``arrivals.py``; 1: each at once).
     """
 
-    sample_rate = SAMPLE_RATE
     max_clip_seconds = MAX_SAMPLES / SAMPLE_RATE
 
     def __init__(self, model: LoadedModel, *, max_rows: int = 32, max_batch_tokens: int = 32_768,

@@ -28,7 +28,7 @@ from worker.gemma4.decoder import Decoder
 from worker.gemma4.kv_batch import KVBatch
 
 PADDING_SLACK = 1.25  # a batched call may compute at most this much more than its rows need
-OOM_MARKERS = ("out of memory", "malloc]", "resource limit", "unable to allocate")
+OOM_MARKERS = ("out of memory", "malloc]", "bad_alloc", "resource limit", "unable to allocate")
 
 
 @dataclass(eq=False)
