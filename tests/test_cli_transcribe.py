@@ -71,3 +71,36 @@ def test_model_may_come_from_the_environment(tiny_checkpoint, tmp_path, capsys, 
     monkeypatch.setenv("AUDIOQ_MODEL", str(tiny_checkpoint("e2b")))
     assert main(["transcribe", str(wav), "--max-new-tokens", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["audio_tokens"] == 20
+
+
+def test_many_files_run_batched_with_the_tokens_each_gets_alone(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """One engine stream for all the files (two open at once here); results in the given order."""
+    model = str(tiny_checkpoint("e2b"))
+    files = []
+    for i, seconds in enumerate([0.6, 3.0, 1.4, 7.5, 2.2]):
+        files.append(tmp_path / f"clip{i}.wav")
+        sf.write(files[-1], make_tone(seconds, freq=150 + 70 * i, seed=i), 16000)
+    files.insert(2, tmp_path / "missing.wav")
+    args = ["--model", model, "--max-new-tokens", "12", "--json"]
+    alone = {}
+    for file in files:
+        main(["transcribe", str(file), *args])
+        alone[str(file)] = json.loads(capsys.readouterr().out)
+    monkeypatch.setenv("AUDIOQ_BATCH_MAX_JOBS", "2")
+    assert main(["transcribe", *map(str, files), *args]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["file"] for line in lines] == [str(f) for f in files]
+    for line in lines:
+        same = alone[line["file"]]
+        assert line.get("token_ids") == same.get("token_ids") and line.get("error") == same.get("error")
+
+
+def test_output_dir_refuses_files_whose_outputs_would_overwrite_each_other(tiny_checkpoint, tmp_path, capsys):
+    model = str(tiny_checkpoint("e2b"))
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    for folder in ("a", "b"):
+        sf.write(tmp_path / folder / "talk.wav", make_tone(0.5), 16000)
+    out = tmp_path / "out"
+    code = main(["transcribe", str(tmp_path / "a" / "talk.wav"), str(tmp_path / "b" / "talk.wav"), "--model", model,
+                 "--output-dir", str(out)])
+    assert code == 3 and "talk" in capsys.readouterr().err and not out.exists()

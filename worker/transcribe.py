@@ -3,6 +3,8 @@
 The model loads once; each file goes down the worker's own path (``worker.recording``):
 decoded to 16 kHz mono, cut into chunks at pauses, one model turn per chunk (and, for a
 question about long audio, one over the transcript), under the same limits as the worker.
+The files' clips run batched in one engine stream, up to ``batch_max_jobs`` files open at
+once; results come out in the order the files were given.
 A file that fails prints a clear error (to stderr, or as a JSON line with ``--json``) and
 the others still run; the exit status is 1 when any file failed, 3 when the model could
 not be loaded. ``--json`` writes JSON Lines: one result object per file; ``--format``
@@ -14,6 +16,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -22,8 +27,8 @@ from producer.schema import JobRequest, JobResult, OutputFormat
 from producer.settings import Settings
 from producer.writers import get_writer
 from worker.audio import decode_audio
-from worker.gemma4.engine import Engine
-from worker.recording import Recording, answer_tokens, plan_recording, run_alone
+from worker.gemma4.engine import ClipOutput, ClipRequest, Engine
+from worker.recording import Recording, answer_tokens, plan_recording
 
 CANNOT_RUN = 3  # the CLI's exit status for "the command could not run"
 WORKER = "audioq transcribe"  # the result's ``worker``
@@ -36,14 +41,103 @@ def _read(file: str, max_seconds: float):
         raise AudioqError(FailureCode.AUDIO_NOT_FOUND, f"cannot read {file}: {exc.strerror or exc}") from None
 
 
-def transcribe_file(engine: Engine, file: str, request: JobRequest, budget: int,
-                    settings: Settings) -> tuple[JobResult, list[int]]:
-    """One file's result, and the token ids generated for it (chunk by chunk, then any answer turn)."""
-    samples = _read(file, settings.max_audio_seconds)
-    recording = Recording(samples, plan_recording(samples, settings), request, budget,
-                          count_tokens=answer_tokens(engine), answer_context_tokens=settings.answer_context_tokens)
-    run_alone(engine, recording)
-    return JobResult(**recording.result_fields(), model=engine.model_id, worker=WORKER), recording.token_ids()
+@dataclass(eq=False)
+class _File:
+    index: int
+    name: str
+    request: JobRequest
+    started: float = 0.0
+    recording: Recording | None = None
+    outcome: JobResult | AudioqError | None = None
+    in_engine: int = 0
+
+
+Emit = Callable[[str, "JobResult | AudioqError", list[int], float], None]
+
+
+def transcribe_files(engine: Engine, files: list[str], requests: list[JobRequest], budget: int,
+                     settings: Settings, emit: Emit) -> None:
+    """Every file down the worker's path, their clips batched in one engine stream.
+
+    At most ``batch_max_jobs`` files are decoded and open at once. ``emit(file, result or
+    error, token ids, seconds)`` is called in the order of ``files``, as soon as a file and
+    every file before it are done; a file that fails does not stop the others.
+    """
+    queued = deque(_File(i, f, r) for i, (f, r) in enumerate(zip(files, requests)))
+    open_files: list[_File] = []
+    waiting: deque[tuple[_File, ClipRequest]] = deque()
+    owner: dict[int, _File] = {}
+    finished: dict[int, _File] = {}
+    next_emit = 0
+
+    def settle(file: _File, outcome: JobResult | AudioqError) -> None:
+        nonlocal next_emit
+        file.outcome = file.outcome or outcome
+        if file.in_engine:
+            return  # its other clips are still in the engine
+        if file in open_files:
+            open_files.remove(file)
+        finished[file.index] = file
+        while next_emit in finished:
+            done = finished.pop(next_emit)
+            tokens = done.recording.token_ids() if isinstance(done.outcome, JobResult) else []
+            emit(done.name, done.outcome, tokens, time.perf_counter() - done.started)
+            next_emit += 1
+
+    def open_more() -> None:
+        while queued and len(open_files) < settings.batch_max_jobs:
+            file = queued.popleft()
+            file.started = time.perf_counter()
+            try:
+                samples = _read(file.name, settings.max_audio_seconds)
+                file.recording = Recording(samples, plan_recording(samples, settings), file.request, budget,
+                                           count_tokens=answer_tokens(engine),
+                                           answer_context_tokens=settings.answer_context_tokens)
+            except AudioqError as exc:
+                settle(file, exc)
+                continue
+            open_files.append(file)
+
+    def feed(free: int) -> list[ClipRequest]:
+        open_more()
+        for file in list(open_files):
+            if file.outcome is not None:
+                continue
+            try:
+                waiting.extend((file, clip) for clip in file.recording.clips())
+            except AudioqError as exc:  # its answer turn over budget
+                settle(file, exc)
+                continue
+            if file.recording.complete and not file.in_engine:  # nothing to run (all silence)
+                settle(file, result_of(file))
+        taken = []
+        while waiting and len(taken) < free:
+            file, clip = waiting.popleft()
+            if file.outcome is None:
+                owner[id(clip)] = file
+                file.in_engine += 1
+                taken.append(clip)
+        return taken
+
+    def on_done(clip: ClipRequest, outcome: ClipOutput | BaseException) -> None:
+        file = owner.pop(id(clip))
+        file.in_engine -= 1
+        if isinstance(outcome, AudioqError):
+            settle(file, outcome)
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        elif file.outcome is None:
+            file.recording.clip_done(clip, outcome)
+            if file.recording.complete:
+                settle(file, result_of(file))
+        elif not file.in_engine:
+            settle(file, file.outcome)
+
+    def result_of(file: _File) -> JobResult:
+        return JobResult(**file.recording.result_fields(), model=engine.model_id, worker=WORKER)
+
+    while next_emit < len(files):
+        engine.stream(feed, on_done)
 
 
 def run_transcribe(files: list[str], *, model: str | None, request_fields: dict | None = None,
@@ -62,6 +156,12 @@ def run_transcribe(files: list[str], *, model: str | None, request_fields: dict 
         print(f"audioq transcribe: --max-new-tokens {budget} is above max_new_tokens_limit "
               f"({settings.max_new_tokens_limit})", file=err)
         return CANNOT_RUN
+    if output_dir:  # DIR/<stem>.<ext> per file: two files of one stem would overwrite each other
+        clashes = sorted(stem for stem, n in Counter(Path(f).stem for f in files).items() if n > 1)
+        if clashes:
+            print(f"audioq transcribe: with --output-dir, files of the same name would overwrite each other's "
+                  f"output ({', '.join(clashes[:5])}): run them apart or rename them", file=err)
+            return CANNOT_RUN
     requests = [JobRequest(audio_uri=Path(file).absolute().as_uri(), **(request_fields or {})) for file in files]
     try:
         engine = Engine.load(model)
@@ -69,20 +169,19 @@ def run_transcribe(files: list[str], *, model: str | None, request_fields: dict 
         print(f"audioq transcribe: cannot load model: {exc.message}", file=err)
         return CANNOT_RUN
     failed = 0
-    for file, request in zip(files, requests):
-        started = time.perf_counter()
-        try:
-            result, token_ids = transcribe_file(engine, file, request, budget, settings)
-        except AudioqError as exc:
+
+    def emit(file: str, result: JobResult | AudioqError, token_ids: list[int], seconds: float) -> None:
+        nonlocal failed
+        if isinstance(result, AudioqError):
             failed += 1
             if as_json:
-                print(json.dumps({"file": file, "error": exc.code.value, "message": exc.message}), file=out)
+                print(json.dumps({"file": file, "error": result.code.value, "message": result.message}), file=out)
             else:
-                print(f"{file}: {exc.code.value}: {exc.message}", file=err)
-            continue
+                print(f"{file}: {result.code.value}: {result.message}", file=err)
+            return
         if as_json:
             line = {"file": file, **result.model_dump(mode="json"), "token_ids": token_ids,
-                    "seconds": round(time.perf_counter() - started, 4)}
+                    "seconds": round(seconds, 4)}
             print(json.dumps(line), file=out)
         elif output_dir:
             writer = get_writer(output_format or "txt")
@@ -97,4 +196,6 @@ def run_transcribe(files: list[str], *, model: str | None, request_fields: dict 
         else:
             print(result.text if len(files) == 1 else f"{file}\t{result.text}", file=out)
         out.flush()
+
+    transcribe_files(engine, files, requests, budget, settings, emit)
     return 1 if failed else 0
