@@ -15,7 +15,8 @@ cancel) drops that clip alone, and its exception is its outcome. A clip without 
 is a text-only turn (a question over a transcript).
 
 Inside, clips are batched: new clips are encoded in padded batches (front-end, tower,
-projector), prefilled together and join the running decode batch (``scheduler.py``).
+projector), prefilled together and join the running decode batch (``scheduler.py``);
+clips that arrive while others run are gathered first (``arrivals.py``).
 ``generate`` is the same machinery for prompts that are already token ids and soft tokens:
 the seam tests and benchmarks use.
 """
