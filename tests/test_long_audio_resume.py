@@ -11,7 +11,10 @@ test_worker_liveness.py.
 from __future__ import annotations
 
 import shutil
+import socket
 import signal
+import subprocess
+import sys
 import threading
 
 import boto3
@@ -171,32 +174,50 @@ def test_saved_chunks_that_do_not_match_the_audio_are_rerun(redis_url, redis_con
     assert len(result["segments"]) == CHUNKS
 
 
+def moto_process(port: int) -> subprocess.Popen:
+    """moto's S3 server as a process of its own: killing it is a real outage (every connection closes)."""
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def listening() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    wait_for(listening, timeout=30, what="moto's S3 server to listen")
+    return server
+
+
 def test_a_long_job_retried_after_its_output_write_failed_runs_no_chunk_again(redis_url, redis_conn, engine, talk,
                                                                              monkeypatch):
-    """Storage goes down for real (the S3 server stops) while the chunks run; the write fails as
+    """Storage goes down for real (the S3 server is killed) while the chunks run; the write fails as
     storage_unavailable, RQ retries the job once storage is back, and the retry runs no chunk."""
-    from moto.server import ThreadedMotoServer
-
     for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
         monkeypatch.setenv(name, value)
     port = free_port()
-    servers = [ThreadedMotoServer(ip_address="127.0.0.1", port=port)]
-    servers[0].start()
     endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="resume-out")
+    servers = [moto_process(port)]
+
+    def make_bucket() -> None:
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="resume-out")
+
+    make_bucket()
     settings = worker_settings(redis_url, s3_endpoint_url=endpoint, s3_region="us-east-1", storage_retries=1,
-                               storage_retry_backoff=[2.0], **CHUNK)
+                               storage_retry_backoff=[8.0], **CHUNK)  # time to restart the server
     job = enqueue(redis_conn, {"audio_uri": talk.as_uri(), "max_new_tokens": 20, "output_uri": "s3://resume-out/t/"})
     saves: list[ChunkSaves] = []
 
     def storage_outage():
         wait_for(lambda: saved(redis_conn, job.id), timeout=60, what="a chunk to be saved")
-        servers[0].stop()
+        servers[0].kill()
+        servers[0].wait()
         wait_for(lambda: fetch(redis_conn, job.id).get_meta().get(record.META_RETRY), timeout=60,
                  what="the failed write to be retried")
         saves.append(ChunkSaves(redis_conn, job.id))
-        servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port))
-        servers[-1].start()
+        servers.append(moto_process(port))
+        make_bucket()  # a new server starts empty
 
     outage = threading.Thread(target=storage_outage, daemon=True)
     outage.start()
@@ -204,7 +225,9 @@ def test_a_long_job_retried_after_its_output_write_failed_runs_no_chunk_again(re
         run_burst(settings, engine)
         outage.join(10)
     finally:
-        servers[-1].stop()
+        for server in servers:
+            server.kill()
+            server.wait()
     job = fetch(redis_conn, job.id)
     assert job.get_status() == "finished", job.get_meta().get(record.META_FAILURE)
     assert job.get_meta()[record.META_RETRY]["code"] == "storage_unavailable"

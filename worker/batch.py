@@ -19,8 +19,8 @@ RQ's records itself.
 A job's deadline counts its own share of the batch's time (``share_time``), not the wall
 time since its claim. The hard time limit (RQ's SIGALRM backstop) is armed whenever control
 goes back to the engine with clips in it, for the job in it that has run longest on that
-count; it fires inside the engine and becomes that clip's outcome (or, raised out of the
-stream, that job's).
+count; it raises ``HardTimeLimit`` out of the engine, and that job fails ``timeout`` while
+the other jobs' clips run again.
 Redis being away never fails a job here: stage hooks skip their progress/cancel writes,
 threads retry their step, and finishing waits for Redis (``outage.Backoff``).
 """
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 WAIT = 0.25  # seconds the main thread waits for a thread's step before it looks at the queues again
 POLL = 0.2  # seconds between looks at queues found empty, so a busy engine's steps do not each cost round trips
+FRONT_END_AHEAD = 4  # waiting clips per job whose log-mel frames are computed ahead of the engine
 SHARE_TICK = 0.05  # seconds between charges of the engine's time to the jobs in it, from the clips' hooks
 
 log = logging.getLogger("audioq.worker")
@@ -262,14 +263,18 @@ class Batch:
                 held.step = self.pool.submit(self.riding_out, held.work.result,
                                              f"writing the result of job {held.job.id}")
                 return
-            for clip in held.work.clips():
-                self.engine.start_front_end(clip)
-                held.waiting.append(clip)
+            held.waiting += held.work.clips()
+            self.begin_front_ends(held)
         except Exception as exc:  # the job's own next step failed (its answer turn over budget, ...): it alone ends
             self.end(held, exc)
             return
         if not held.waiting and not held.in_engine:
             self.end(held, AudioqError(FailureCode.MODEL_ERROR, "the job has no clip left to run but no result"))
+
+    def begin_front_ends(self, held: Held) -> None:
+        """Start the front-end of the job's next few waiting clips (not all: a 4 h recording has 480)."""
+        for clip in held.waiting[:FRONT_END_AHEAD]:
+            self.engine.start_front_end(clip)
 
     # ------------------------------------------------------------------ the engine's side
     def rows_in_engine(self) -> int:
@@ -294,6 +299,7 @@ class Batch:
                 if self.tokens + cost > self.settings.batch_token_budget and (self.in_flight or handed):
                     return handed
                 original = held.waiting.pop(0)
+                self.begin_front_ends(held)
                 clip = replace(original, on_stage=self.hook_for(held, original))
                 self.in_flight[id(clip)] = (held, original, clip, cost)
                 self.tokens += cost
@@ -346,12 +352,13 @@ class Batch:
         A timer to the fraction of a second, not RQ's whole-second ``alarm``: it is re-armed
         at every step, and rounding up each time would push it back for ever.
         """
-        if not self.in_flight:
+        running = [h for h, *_ in self.in_flight.values() if not h.ended]
+        if not running:
             return
-        left = self.settings.hard_timeout - max(charged(h) for h, *_ in self.in_flight.values())
+        left = self.settings.hard_timeout - max(charged(h) for h in running)
         signal.signal(signal.SIGALRM, self.hard_limit)
+        self.armed = True  # before the timer, which may fire at once
         signal.setitimer(signal.ITIMER_REAL, max(left, 0.001))
-        self.armed = True
 
     def disarm(self) -> None:
         if self.armed:
@@ -364,7 +371,7 @@ class Batch:
 
     def hard_limit_reached(self, exc: HardTimeLimit) -> None:
         """The alarm went off in the engine: the job that has run longest fails; the others' clips run again."""
-        running = [h for h, *_ in self.in_flight.values()]
+        running = [h for h, *_ in self.in_flight.values() if not h.ended]
         for held, original, _, cost in self.in_flight.values():
             held.in_engine -= 1
             held.waiting.insert(0, original)

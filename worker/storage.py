@@ -59,8 +59,12 @@ from producer.settings import Settings
 from producer.writers import get_writer
 
 CHUNK_BYTES = 1 << 20
+# what boto3 reads from the environment when it builds a client (credentials, region, endpoint, CA)
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                   "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_CA_BUNDLE")
+                   "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_CA_BUNDLE", "AWS_DEFAULT_REGION",
+                   "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ROLE_ARN",
+                   "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                   "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
 MAX_CLIENTS = 8  # S3 configurations kept at once (a worker has one; tests make many)
 _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
@@ -194,8 +198,10 @@ def _client(settings: Settings):
 
     Built once and shared by every thread (boto3 clients are thread-safe; sessions are not):
     building one parses botocore's service model, tens of milliseconds of Python holding the
-    interpreter lock that the decode loop needs. Keyed by the S3 settings and the credential
-    variables of the environment, so a change of either gets a client of its own.
+    interpreter lock that the decode loop needs. Keyed by the S3 settings and the AWS
+    variables of the environment, so a change of either gets a client of its own (keys
+    rotated inside a credentials file are read at the worker's next start; role and
+    instance credentials refresh themselves).
     """
     limit = settings.s3_attempt_timeout
     bounded = settings.model_copy(update={"s3_read_timeout": min(settings.s3_read_timeout, limit),

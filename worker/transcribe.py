@@ -18,7 +18,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -27,6 +27,7 @@ from producer.schema import JobRequest, JobResult, OutputFormat
 from producer.settings import Settings
 from producer.writers import get_writer
 from worker.audio import decode_audio
+from worker.failures import classify
 from worker.gemma4.engine import ClipOutput, ClipRequest, Engine
 from worker.recording import Recording, answer_tokens, plan_recording
 
@@ -47,9 +48,16 @@ class _File:
     name: str
     request: JobRequest
     started: float = 0.0
-    recording: Recording | None = None
+    recording: Recording | None = None  # while it runs; dropped once it settles
     outcome: JobResult | AudioqError | None = None
     in_engine: int = 0
+    tokens: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def check(self, stage: str) -> None:
+        """Its clips' stage hook: once the file has failed, its other clips leave the engine."""
+        if self.outcome is not None:
+            raise AudioqError(FailureCode.MODEL_ERROR, f"{self.name} has already failed")
 
 
 Emit = Callable[[str, "JobResult | AudioqError", list[int], float], None]
@@ -77,11 +85,13 @@ def transcribe_files(engine: Engine, files: list[str], requests: list[JobRequest
             return  # its other clips are still in the engine
         if file in open_files:
             open_files.remove(file)
+        if isinstance(file.outcome, JobResult):
+            file.tokens = file.recording.token_ids()
+        file.recording, file.seconds = None, time.perf_counter() - file.started
         finished[file.index] = file
         while next_emit in finished:
             done = finished.pop(next_emit)
-            tokens = done.recording.token_ids() if isinstance(done.outcome, JobResult) else []
-            emit(done.name, done.outcome, tokens, time.perf_counter() - done.started)
+            emit(done.name, done.outcome, done.tokens, done.seconds)
             next_emit += 1
 
     def open_more() -> None:
@@ -92,7 +102,8 @@ def transcribe_files(engine: Engine, files: list[str], requests: list[JobRequest
                 samples = _read(file.name, settings.max_audio_seconds)
                 file.recording = Recording(samples, plan_recording(samples, settings), file.request, budget,
                                            count_tokens=answer_tokens(engine),
-                                           answer_context_tokens=settings.answer_context_tokens)
+                                           answer_context_tokens=settings.answer_context_tokens,
+                                           on_stage=lambda chunk, file=file: file.check)
             except AudioqError as exc:
                 settle(file, exc)
                 continue
@@ -122,8 +133,8 @@ def transcribe_files(engine: Engine, files: list[str], requests: list[JobRequest
     def on_done(clip: ClipRequest, outcome: ClipOutput | BaseException) -> None:
         file = owner.pop(id(clip))
         file.in_engine -= 1
-        if isinstance(outcome, AudioqError):
-            settle(file, outcome)
+        if isinstance(outcome, Exception):  # the model's error ends this file alone
+            settle(file, classify(outcome))
         elif isinstance(outcome, BaseException):
             raise outcome
         elif file.outcome is None:

@@ -32,11 +32,17 @@ class Arrivals(Generic[T]):
         self.pending.extend(items)
 
     def take(self, running: bool, room: int) -> list[T]:
-        """The pending items, if they go in now (see the module's docstring); else none."""
+        """The pending items that go in now (see the module's docstring): while rows run, at most
+        ``room``, and none until a group is ready or the first has waited ``join_wait``."""
         if not self.pending:
             return []
-        waited = time.perf_counter() - self.since
-        if running and len(self.pending) < min(self.join_rows, room) and waited < self.join_wait:
-            return []
-        taken, self.pending = self.pending, []
+        if running:
+            waited = time.perf_counter() - self.since
+            if room <= 0 or (len(self.pending) < min(self.join_rows, room) and waited < self.join_wait):
+                return []
+            taken, self.pending = self.pending[:room], self.pending[room:]
+        else:
+            taken, self.pending = self.pending, []
+        if self.pending:
+            self.since = time.perf_counter()
         return taken

@@ -215,7 +215,12 @@ class Engine:
     def _encoded(self, group: list[tuple[ClipRequest, int]], stop: frozenset[int], on_done: DoneHook,
                  stats: dict[str, float]) -> list[Row]:
         started = time.perf_counter()
-        features, mask = self._features([c.samples for c, _ in group], [c.frames for c, _ in group])
+        try:
+            features, mask = self._features([c.samples for c, _ in group], [c.frames for c, _ in group])
+        except Exception as exc:  # the group's front-end failed: its clips fail, the stream goes on
+            for clip, _ in group:
+                on_done(clip, exc)
+            return []
         front_end = time.perf_counter() - started
         live = []
         for i, (clip, count) in enumerate(group):
