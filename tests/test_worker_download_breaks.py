@@ -15,17 +15,13 @@ from worker.storage import fetched_audio
 
 
 class LyingObject(http.server.BaseHTTPRequestHandler):
-    """Every object: HEAD announces ``server.head_size`` bytes, GET announces ``server.body_size``,
-    sends ``server.sent`` bytes and hangs up."""
-
-    def do_HEAD(self):
-        self.send_response(200)
-        self.send_header("Content-Length", str(self.server.head_size))
-        self.end_headers()
+    """Every object: GET announces ``server.body_size`` bytes (None: no length, the body ends when
+    the connection closes), sends ``server.sent`` bytes and hangs up."""
 
     def do_GET(self):
         self.send_response(200)
-        self.send_header("Content-Length", str(self.server.body_size))
+        if self.server.body_size is not None:
+            self.send_header("Content-Length", str(self.server.body_size))
         self.end_headers()
         self.wfile.write(b"\0" * self.server.sent)
         self.close_connection = True
@@ -46,8 +42,8 @@ def lying_s3(monkeypatch):
     server.server_close()
 
 
-def fetch_fails(server, head_size: int, body_size: int, sent: int, **settings) -> AudioqError:
-    server.head_size, server.body_size, server.sent = head_size, body_size, sent
+def fetch_fails(server, body_size: int | None, sent: int, **settings) -> AudioqError:
+    server.body_size, server.sent = body_size, sent
     settings = Settings(s3_endpoint_url=f"http://127.0.0.1:{server.server_port}", s3_region="us-east-1",
                         s3_addressing_style="path", **settings)
     with pytest.raises(AudioqError) as info:
@@ -57,14 +53,20 @@ def fetch_fails(server, head_size: int, body_size: int, sent: int, **settings) -
 
 
 def test_a_body_cut_short_is_a_retryable_plain_sentence(lying_s3):
-    error = fetch_fails(lying_s3, head_size=100_000, body_size=100_000, sent=1_000)
+    error = fetch_fails(lying_s3, body_size=100_000, sent=1_000)
     assert error.code == FailureCode.STORAGE_UNAVAILABLE and error.retryable
     assert error.message == ("the download of s3://audio/meeting.flac broke off after 1000 of 100000 bytes: "
                              "the storage server closed the connection early")
 
 
-def test_a_body_longer_than_announced_stops_at_the_limit_in_plain_words(lying_s3):
-    error = fetch_fails(lying_s3, head_size=1_000, body_size=3 << 20, sent=3 << 20, max_audio_bytes=1 << 20)
+def test_an_object_announced_over_the_limit_is_refused_before_its_body_is_read(lying_s3):
+    error = fetch_fails(lying_s3, body_size=3 << 20, sent=3 << 20, max_audio_bytes=1 << 20)
+    assert error.code == FailureCode.AUDIO_TOO_LARGE
+    assert error.message == "s3://audio/meeting.flac is 3.1 MB; this worker accepts at most 1.0 MB (max_audio_bytes)"
+
+
+def test_a_body_without_a_length_stops_at_the_limit_in_plain_words(lying_s3):
+    error = fetch_fails(lying_s3, body_size=None, sent=3 << 20, max_audio_bytes=1 << 20)
     assert error.code == FailureCode.AUDIO_TOO_LARGE
     assert error.message == ("the download of s3://audio/meeting.flac passed 1.0 MB before the end; "
                              "this worker accepts at most 1.0 MB (max_audio_bytes)")
