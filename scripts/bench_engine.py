@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="the engine's KV budget (default: its own)")
     parser.add_argument("--encode-rows", type=int, default=None, help="clips per tower batch (default: the engine's)")
     parser.add_argument("--join-rows", type=int, default=None, help="the engine's join_rows (default: its own)")
+    parser.add_argument("--join-wait", type=float, default=0.25, help="the engine's join_wait, with --join-rows")
     parser.add_argument("--feed-per-step", type=int, default=None,
                         help="batched streams get at most this many clips a step, as a worker's prefetch feeds them")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                                                ("max_batch_tokens", args.max_batch_tokens),
                                                ("join_rows", args.join_rows)) if value}
     if args.join_rows:
-        options["join_wait"] = 0.25
+        options["join_wait"] = args.join_wait
     engine = Engine.load(model, **options)
     load_seconds = time.perf_counter() - started
     warm_up_seconds = engine.warm_up()

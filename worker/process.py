@@ -492,6 +492,13 @@ class AudioWorker(SimpleWorker):
         return any(self.connection.zcount(q.scheduled_job_registry.key, "-inf", horizon) for q in self.queues)
 
 
+def engine_options(settings: Settings) -> dict:
+    """The engine's batch limits from the settings, for the worker and ``audioq transcribe`` alike:
+    a job's (or a file's) clips are rows, and the memory budget is the KV cache's bound."""
+    return dict(max_rows=settings.batch_max_jobs, max_batch_tokens=settings.batch_token_budget,
+                join_rows=settings.batch_join_jobs, join_wait=settings.batch_join_wait)
+
+
 def run_worker(settings: Settings, *, queues: list[str] | None = None, burst: bool = False,
                max_jobs: int | None = None, name: str | None = None) -> int:
     """Load ``settings.model`` once, then work ``queues`` (highest priority first) until stopped.
@@ -506,10 +513,7 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, burst: bo
         return 3
     started = time.perf_counter()
     try:
-        # A job's clips are rows; the settings' memory budget is the engine's KV-cache bound.
-        engine = Engine.load(settings.model, max_rows=settings.batch_max_jobs,
-                             max_batch_tokens=settings.batch_token_budget, join_rows=settings.batch_join_jobs,
-                             join_wait=settings.batch_join_wait)
+        engine = Engine.load(settings.model, **engine_options(settings))
     except AudioqError as exc:
         log.error("cannot load model %s: %s", settings.model, exc.message)
         return 3

@@ -29,6 +29,7 @@ from producer.writers import get_writer
 from worker.audio import decode_audio
 from worker.failures import classify
 from worker.gemma4.engine import ClipOutput, ClipRequest, Engine
+from worker.process import engine_options
 from worker.recording import Recording, answer_tokens, plan_recording
 
 CANNOT_RUN = 3  # the CLI's exit status for "the command could not run"
@@ -175,7 +176,7 @@ def run_transcribe(files: list[str], *, model: str | None, request_fields: dict 
             return CANNOT_RUN
     requests = [JobRequest(audio_uri=Path(file).absolute().as_uri(), **(request_fields or {})) for file in files]
     try:
-        engine = Engine.load(model)
+        engine = Engine.load(model, **engine_options(settings))
     except AudioqError as exc:
         print(f"audioq transcribe: cannot load model: {exc.message}", file=err)
         return CANNOT_RUN
