@@ -205,12 +205,16 @@ def test_a_long_job_retried_after_its_output_write_failed_runs_no_chunk_again(re
 
     make_bucket()
     settings = worker_settings(redis_url, s3_endpoint_url=endpoint, s3_region="us-east-1", storage_retries=1,
-                               storage_retry_backoff=[8.0], **CHUNK)  # time to restart the server
-    job = enqueue(redis_conn, {"audio_uri": talk.as_uri(), "max_new_tokens": 20, "output_uri": "s3://resume-out/t/"})
+                               storage_retry_backoff=[8.0], **CHUNK)  # time to start the server again
+    job = enqueue(redis_conn, {"audio_uri": talk.as_uri(), "max_new_tokens": TOKENS,
+                               "output_uri": "s3://resume-out/t/"})
     saves: list[ChunkSaves] = []
 
     def storage_outage():
-        wait_for(lambda: saved(redis_conn, job.id), timeout=60, what="a chunk to be saved")
+        # the chunks run together and finish together: the server dies while they generate,
+        # long before the write (TOKENS steps), not in a race with it
+        wait_for(lambda: fetch(redis_conn, job.id).get_meta().get(record.META_PROGRESS, {}).get("stage") == "generate",
+                 timeout=60, what="the chunks to be generating")
         servers[0].kill()
         servers[0].wait()
         wait_for(lambda: fetch(redis_conn, job.id).get_meta().get(record.META_RETRY), timeout=60,
