@@ -270,3 +270,29 @@ def test_an_idle_worker_takes_jobs_within_seconds_of_redis_coming_back(own_redis
     assert worker.poll() is None and taken_after < settings.redis_retry_max_wait + 2
     report(f"redis restart: an idle worker took a job {taken_after:.2f} s after Redis answered again "
            f"(down 8 s; redis_retry_max_wait {settings.redis_retry_max_wait:g} s)")
+
+
+def test_while_redis_is_away_the_engine_keeps_decoding_and_only_the_records_wait(own_redis, model, requests,
+                                                                                tmp_path, procs, report):
+    """Redis stops just as a long job starts generating beside shorter ones that end during the outage:
+    their outcomes wait for Redis on the records thread, but the long job's decoding does not wait for
+    them, and every job ends finished, recorded once."""
+    connection = redis.Redis.from_url(own_redis.url)
+    settings = worker_settings(own_redis.url, model=model, prefetch_jobs=3, lost_after=30.0,
+                               heartbeat_interval=0.5, redis_retry_max_wait=0.5)
+    procs.append(worker := start_worker(settings, tmp_path / "worker.log"))
+    wait_for(lambda: SimpleWorker.count(connection=connection) == 1, timeout=60, what="the worker to register")
+    long = enqueue(connection, requests["long"]())
+    beside = [enqueue(connection, requests["long"](150), job_id=f"beside-{n}") for n in range(3)]  # ~1 s each
+    wait_for(lambda: (fetch(connection, long.id).get_meta().get(record.META_PROGRESS) or {}).get("stage")
+             == "generate", timeout=60, what="the long job to generate")
+    down_for = 12.0  # the job decodes for ~6 s here; a loop that waited at a finish would take ~12 s more
+    restart(own_redis, down_for=down_for)
+    wait_for(lambda: all(fetch(connection, j.id).get_status() == "finished" for j in [long, *beside]), timeout=60,
+             what="every job to finish")
+    generating = fetch(connection, long.id).return_value()["timings"]["generate"]
+    assert generating < down_for - 2  # it did not stand still until Redis came back
+    for job in [long, *beside]:
+        assert len(fetch(connection, job.id).results()) == 1
+    assert worker.poll() is None
+    report(f"redis away {down_for:g} s: a job decoding through it generated {LONG_RUN} tokens in {generating:.1f} s")

@@ -5,8 +5,8 @@ queues itself, non-blocking, whenever the engine has room (``feed``), so a job t
 mid-batch, a high-priority one first, joins at the engine's next step. It holds:
 
 - jobs being *prepared* (claim, request checks, fetch, decode: ``JobWork.prepare``) in
-  threads, up to ``prefetch_jobs`` beyond what the engine runs, so storage never idles the
-  model (MLX work stays on this, the main, thread);
+  ``prefetch_threads`` threads, up to ``prefetch_jobs`` beyond what the engine runs, so
+  storage never idles the model (MLX work stays on this, the main, thread);
 - jobs whose clips *run* in the engine, at most ``batch_max_jobs``, and clips whose KV rows
   (audio tokens + instruction + token budget) fit ``batch_token_budget`` together;
 - jobs whose result is being *written* (``JobWork.result``, outputs to storage) in a thread.
@@ -14,7 +14,11 @@ mid-batch, a high-priority one first, joins at the engine's next step. It holds:
 Each job ends alone: a clip that fails fails its job only, and the job's other clips are
 dropped at their next stage hook. The RQ side (claim, finish through RQ's own handlers,
 release, resolve) is the worker's (``process.AudioWorker``); this module never touches
-RQ's records itself.
+RQ's records itself, and the main thread does not wait for them: claims, outcomes, chunk
+saves, progress and cancel checks of the jobs in the engine run in order on one records
+thread (``records``), since a claim or a finish costs several round trips and much of RQ's
+Python per job, which at hundreds of jobs a minute idled the model (docs/design.md, "The
+records thread"). A batch ends once every outcome it handed over is on its record.
 
 A job's deadline counts its own share of the batch's time (``share_time``), not the wall
 time since its claim. The hard time limit (RQ's SIGALRM backstop) is armed whenever control
@@ -31,7 +35,7 @@ import logging
 import math
 import signal
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -54,6 +58,7 @@ if TYPE_CHECKING:
 WAIT = 0.25  # seconds the main thread waits for a thread's step before it looks at the queues again
 POLL = 0.2  # seconds between looks at queues found empty, so a busy engine's steps do not each cost round trips
 FRONT_END_AHEAD = 4  # waiting clips per job whose log-mel frames are computed ahead of the engine
+REPEAT_CHECK = 0.2  # seconds between checks of a repeated stage (every decode step's "generate") of one clip
 SHARE_TICK = 0.05  # seconds between charges of the engine's time to the jobs in it, from the clips' hooks
 
 log = logging.getLogger("audioq.worker")
@@ -92,6 +97,7 @@ class Held:
     waiting: list[ClipRequest] = field(default_factory=list)  # taken from the work, not yet in the engine
     in_engine: int = 0
     ended: bool = False  # its outcome is known; it is leaving the batch
+    record_failure: BaseException | None = None  # a write of its record failed (a cancel among them): it ends so
 
 
 class Batch:
@@ -109,8 +115,12 @@ class Batch:
         self.taking_again_at = 0.0
         self.outside = 0.0  # seconds the main thread spent in feed and on_done: the engine's idle time
         self.shared_at = time.monotonic()  # when time was last charged to the held jobs (share_time)
-        self.pool = ThreadPoolExecutor(max_workers=max(1, self.settings.prefetch_jobs),
-                                       thread_name_prefix="audioq-prefetch")
+        self.pool = ThreadPoolExecutor(max_workers=self.settings.prefetch_threads, thread_name_prefix="audioq-prefetch")
+        self.records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audioq-records")
+        self.records_backoff = Backoff(self.settings.redis_retry_max_wait)  # the records thread's own
+        self.claiming: Future | None = None  # a group of claims running on the records thread
+        self.claimed: deque[tuple] = deque()  # jobs it claimed, not yet held
+        self.closing = False  # a cold shutdown: the records thread stops waiting for Redis
 
     # ------------------------------------------------------------------ the loop
     def run(self, job: AudioJob, queue: Queue, execution: Execution) -> None:
@@ -119,7 +129,7 @@ class Batch:
         totals: dict[str, float] = {}
         try:
             self.hold(job, queue, execution)
-            while self.held:
+            while self.held or self.claiming is not None:
                 try:
                     for key, value in self.engine.stream(self.feed, self.on_done).items():  # summed; peaks: the max
                         totals[key] = (max if key.startswith("peak") else sum)((totals.get(key, 0), value))
@@ -133,6 +143,7 @@ class Batch:
         finally:
             self.disarm()
             self.pool.shutdown(wait=False, cancel_futures=True)
+            self.records.shutdown(wait=True)  # every outcome is on its record before RQ's loop goes on
         log.info("batch: %d jobs in %.3f s, %.3f s of it outside the engine (queues, storage, records); engine: %s",
                  self.claims, time.perf_counter() - started, self.outside,
                  ", ".join(f"{k} {v:.3g}" for k, v in sorted(totals.items())))
@@ -142,7 +153,7 @@ class Batch:
         threads finished, take jobs (the prefetch goes on while the engine is full), hand out clips.
 
         Waits (for a thread's step) only while the engine runs nothing; returns none once
-        nothing is held, which ends the stream.
+        nothing is held or being claimed, which ends the stream.
         """
         self.disarm()
         self.share_time()
@@ -160,9 +171,9 @@ class Batch:
             clips = self.hand_out(free)
             if clips:
                 return clips
-            if self.in_flight or not self.held:
+            if self.in_flight or not (self.held or self.claiming):
                 return []
-            steps = [h.step for h in self.held if h.step is not None]
+            steps = [h.step for h in self.held if h.step is not None] + [f for f in [self.claiming] if f]
             if steps:
                 wait(steps, timeout=WAIT, return_when=FIRST_COMPLETED)
             else:
@@ -194,8 +205,8 @@ class Batch:
                 return
             self.end(held, outcome)
             return
-        try:  # saving a chunk writes to Redis: ridden out while Redis is away, like every record write
-            self.backoff.retry(lambda: held.work.clip_done(original, outcome), f"saving a chunk of job {held.job.id}")
+        try:
+            held.work.clip_done(original, outcome)  # its chunk is saved on the records thread
         except Exception as exc:
             self.end(held, exc)
             return
@@ -203,23 +214,51 @@ class Batch:
 
     # ------------------------------------------------------------------ taking and preparing jobs
     def take(self, free: int) -> None:
-        """Take jobs from the queues (highest priority first) while the engine and the prefetch have room."""
+        """Claim jobs from the queues (highest priority first), on the records thread, while the engine
+        and the prefetch have room; they are held as ``advance`` collects them."""
         if self.worker.stopping:
             self.release_unstarted()
             return
         running = len({id(h) for h, *_ in self.in_flight.values()})
-        room = min(self.settings.batch_max_jobs, running + free) + self.settings.prefetch_jobs
-        while len(self.held) < room and time.monotonic() >= self.taking_again_at and self.worker.may_take():
+        wanted = min(self.settings.batch_max_jobs, running + free) + self.settings.prefetch_jobs - len(self.held)
+        if (wanted > 0 and self.claiming is None and time.monotonic() >= self.taking_again_at
+                and self.worker.may_take()):
+            self.claiming = self.records.submit(self.claim_jobs, wanted)
+
+    def claim_jobs(self, count: int) -> tuple[BaseException | None, bool]:
+        """On the records thread: up to ``count`` jobs claimed, each handed over at once (``claimed``);
+        returns the error that stopped it and whether the queues ran dry."""
+        for _ in range(count):
+            if not self.worker.may_take():
+                break
             try:
-                taken = self.worker.take()
-            except AWAY as exc:
-                self.taking_again_at = time.monotonic() + self.backoff.failed(exc, "taking jobs")
-                return
-            self.backoff.succeeded()
-            if taken is None:
-                self.taking_again_at = time.monotonic() + POLL
-                return
-            self.hold(*taken)
+                claimed = self.worker.take()
+            except Exception as exc:
+                return exc, False
+            if claimed is None:
+                return None, True
+            self.claimed.append(claimed)
+        return None, False
+
+    def collect_claims(self) -> None:
+        """Hold the jobs the records thread claimed so far; once it is done, Redis away delays the next
+        claims, and another error raises."""
+        while self.claimed:
+            self.hold(*self.claimed.popleft())
+        if self.claiming is None or not self.claiming.done():
+            return
+        error, dry = self.claiming.result()
+        self.claiming = None
+        while self.claimed:  # claimed after the first look
+            self.hold(*self.claimed.popleft())
+        if isinstance(error, AWAY):
+            self.taking_again_at = time.monotonic() + self.backoff.failed(error, "taking jobs")
+            return
+        if error is not None:
+            raise error
+        self.backoff.succeeded()
+        if dry:
+            self.taking_again_at = time.monotonic() + POLL
 
     def hold(self, job: AudioJob, queue: Queue, execution: Execution) -> None:
         self.claims += 1
@@ -240,8 +279,13 @@ class Batch:
         return Backoff(self.settings.redis_retry_max_wait).retry(step, doing)
 
     def advance(self) -> None:
-        """Take in what the threads finished: a prepared job gets its clips, a written result ends its job."""
+        """Take in what the threads finished: claimed jobs are held, a prepared job gets its clips, a written
+        result or a failed record write (a cancel) ends its job."""
+        self.collect_claims()
         for held in list(self.held):
+            if held.record_failure is not None:
+                self.end(held, held.record_failure)
+                continue
             if held.step is None or not held.step.done() or held.ended:
                 continue
             step, held.step = held.step, None
@@ -252,6 +296,7 @@ class Batch:
                 self.end(held, step.result())
             else:
                 held.ready = True
+                held.work.run.write = self.writer(held)  # from now on its record is the records thread's
                 if not self.worker.stopping:  # else it goes back unrun (release_unstarted)
                     self.next_step(held)
 
@@ -312,22 +357,43 @@ class Batch:
         return handed
 
     def hook_for(self, held: Held, clip: ClipRequest):
-        """The clip's own check point (its job's deadline and cancel), minus Redis being away, plus the job's end."""
+        """The clip's own check point (its job's deadline; progress and cancel go to the records thread),
+        plus the job's end."""
         own = clip.on_stage
+        last = ["", -math.inf]  # the stage last passed on, and when
 
         def hook(stage: str) -> None:
             if held.ended:
                 raise JobEnded(f"job {held.job.id} has ended")
-            if own is None:
+            now = time.monotonic()
+            if own is None or (stage == last[0] and now - last[1] < REPEAT_CHECK):
                 return
-            if time.monotonic() - self.shared_at >= SHARE_TICK:
+            last[:] = stage, now
+            if now - self.shared_at >= SHARE_TICK:
                 self.share_time()
-            try:
-                own(stage)
-            except AWAY:
-                pass  # progress and the cancel check wait for Redis; the deadline was checked first
+            own(stage)
 
         return hook
+
+    # ------------------------------------------------------------------ the records thread
+    def writer(self, held: Held):
+        """``JobRun.write`` for a held job: its record reads and writes queue on the records thread."""
+
+        def write(action) -> None:
+            self.records.submit(self.recorded, held, action)
+
+        return write
+
+    def recorded(self, held: Held, action) -> None:
+        """On the records thread: one read or write of the job's record, ridden out while Redis is away;
+        its error (a cancel among them) is the job's outcome, which the loop records next."""
+        try:
+            self.records_backoff.retry(action, f"writing the record of job {held.job.id}", give_up=self.closed)
+        except Exception as exc:
+            held.record_failure = held.record_failure or exc
+
+    def closed(self) -> bool:
+        return self.closing
 
     def share_time(self) -> None:
         """Charge each held job its share of the time since the last charge; the rest it waited for others.
@@ -382,12 +448,17 @@ class Batch:
 
     # ------------------------------------------------------------------ ending jobs
     def end(self, held: Held, outcome: Any) -> None:
-        """The job's outcome (result dict, ``Retry`` or exception) goes on its record through RQ; it leaves the batch."""
+        """The job leaves the batch; its outcome (result dict, ``Retry`` or exception) goes on its record
+        through RQ on the records thread, after every write of it queued before."""
         held.ended = True
         self.held.remove(held)
+        self.records.submit(self.finish, held, outcome)
+
+    def finish(self, held: Held, outcome: Any) -> None:
         try:
-            self.backoff.retry(lambda: self.worker.finish(held.job, held.queue, held.execution, outcome, held.work),
-                               f"finishing job {held.job.id}")
+            self.records_backoff.retry(
+                lambda: self.worker.finish(held.job, held.queue, held.execution, outcome, held.work),
+                f"finishing job {held.job.id}", give_up=self.closed)
         except Exception:  # its beat stops, so the reaper resolves it; the batch goes on
             log.exception("job %s: its outcome could not be recorded; the reaper will resolve it", held.job.id)
             self.worker.stop_beating(held.job.id)
@@ -403,15 +474,25 @@ class Batch:
             self.held.remove(held)
 
     def abandon(self) -> None:
-        """Cold shutdown: unstarted jobs go back unrun; started ones are resolved as lost (requeued or worker_lost)."""
+        """Cold shutdown: unstarted jobs go back unrun; started ones are resolved as lost (requeued or worker_lost).
+
+        The records thread first writes what it was handed (outcomes, chunks; not waiting for
+        Redis), and the jobs it was claiming are held, so they go back too."""
+        self.closing = True
+        self.records.shutdown(wait=True, cancel_futures=False)
+        claimed = list(self.claimed)
         order = sorted((h for h in self.held if not h.ended), key=lambda h: h.rank, reverse=True)
-        for held in [h for h in order if not h.started] + [h for h in order if h.started]:
-            try:
-                if held.started:
-                    self.worker.abandon(held.job, held.execution)
-                else:
-                    self.worker.release(held.job, held.queue, held.execution, held.prior_meta)
-            except AWAY as exc:
-                log.error("job %s: Redis is away during the cold shutdown (%s); the reaper resolves it once its "
-                          "heartbeat expires", held.job.id, exc)
+        unstarted = [(h.job, h.queue, h.execution, h.prior_meta) for h in order if not h.started]
+        unstarted += [(job, queue, execution, dict(job.meta)) for job, queue, execution in claimed]
+        for job, queue, execution, prior_meta in unstarted:
+            self.resolving(job, lambda: self.worker.release(job, queue, execution, prior_meta))
+        for held in (h for h in order if h.started):
+            self.resolving(held.job, lambda: self.worker.abandon(held.job, held.execution))
+
+    def resolving(self, job: AudioJob, action) -> None:
+        try:
+            action()
+        except AWAY as exc:
+            log.error("job %s: Redis is away during the cold shutdown (%s); the reaper resolves it once its "
+                      "heartbeat expires", job.id, exc)
 

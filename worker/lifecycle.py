@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 from rq.job import Job, Retry
@@ -58,8 +59,14 @@ class JobRun:
         self.waited = 0.0  # seconds not charged to the job: it waited for other jobs of its batch
         self.attempt = int(job.meta.get(record.META_ATTEMPT, 0)) + 1
         self.audio_seconds: float | None = None
-        self.current: tuple | None = None  # the stage and progress last written
+        self.current: tuple | None = None  # the stage and progress last entered
+        self.progress: dict | None = None  # its Progress, not yet on the record
+        self.sync_queued = False  # a ``sync`` is handed to ``write`` and has not started yet
         self.checked_at = -math.inf
+        # Where the record's reads and writes run (``sync``, chunk saves): here, by default. A
+        # batch hands them to its records thread, so the thread that runs the model never
+        # waits for Redis (docs/design.md, "The records thread").
+        self.write: Callable[[Callable[[], None]], None] = lambda action: action()
 
     @property
     def budget(self) -> float:
@@ -82,10 +89,11 @@ class JobRun:
         self.stage("claimed")
 
     def stage(self, name: str, **where) -> None:
-        """Enter (or stay in) stage ``name``: raise on deadline or cancel, record progress.
+        """Enter (or stay in) stage ``name``: raise on deadline, then ``sync`` with the record.
 
         ``where``: the other ``Progress`` fields (which chunk, how much is done); progress is
-        written when the stage or any of them changes.
+        written when the stage or any of them changes, the cancel flag read at most every
+        ``CHECK_INTERVAL``. Where ``write`` runs ``sync`` elsewhere, a cancel is raised there.
         """
         now = time.monotonic()
         if self.elapsed(now) > self.budget:
@@ -101,12 +109,24 @@ class JobRun:
         if position == self.current and now - self.checked_at < CHECK_INTERVAL:
             return
         self.checked_at = now
-        if self.job.connection.exists(record.cancel_key(self.job.id)):
-            raise AudioqError(FailureCode.CANCELED, f"canceled on request, at stage {name}")
         if position != self.current:
             self.current = position
-            self.job.meta[record.META_PROGRESS] = Progress(stage=name, **where).model_dump(mode="json")
+            self.progress = Progress(stage=name, **where).model_dump(mode="json")
+        if not self.sync_queued:  # one pending sync at a time: it reads the newest stage when it runs
+            self.sync_queued = True
+            self.write(self.sync)
+
+    def sync(self) -> None:
+        """Raise if the job was canceled; else put the newest progress on the record (through ``write``)."""
+        self.sync_queued = False
+        if self.job.connection.exists(record.cancel_key(self.job.id)):
+            raise AudioqError(FailureCode.CANCELED, f"canceled on request, at stage {self.current[0]}")
+        progress = self.progress
+        if progress is not None:
+            self.job.meta[record.META_PROGRESS] = progress
             self.job.save_meta()
+            if self.progress is progress:  # not replaced meanwhile by a newer stage
+                self.progress = None
 
     def failure(self, exc: BaseException) -> JobFailure:
         return failure_for(exc, attempt=self.attempt, worker=self.worker)

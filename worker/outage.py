@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import redis
 
@@ -47,12 +48,17 @@ class Backoff:
             log.warning("Redis is back after %.1f s", time.monotonic() - self.away_since)
         self.away_since, self.wait = None, 0.0
 
-    def retry(self, action, doing: str):
-        """Run ``action`` until Redis answers it, waiting between tries; returns its value."""
+    def retry(self, action, doing: str, give_up: Callable[[], bool] = lambda: False):
+        """Run ``action`` until Redis answers it, waiting between tries; returns its value.
+
+        ``give_up()`` true after a try that met Redis away: that error is raised (a cold shutdown
+        does not wait for Redis)."""
         while True:
             try:
                 value = action()
             except AWAY as exc:
+                if give_up():
+                    raise
                 time.sleep(self.failed(exc, doing))
                 continue
             self.succeeded()

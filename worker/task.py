@@ -133,7 +133,7 @@ class JobWork:
     def clip_done(self, clip: ClipRequest, output: ClipOutput) -> None:
         finished = self.recording.clip_done(clip, output)
         if finished is not None:
-            save_chunk(self.job, clip.tag, finished, self.home.settings)
+            self.run.write(lambda: save_chunk(self.job, clip.tag, finished, self.home.settings))
 
     @property
     def complete(self) -> bool:
@@ -152,7 +152,7 @@ class JobWork:
             result.output_uris = list(output_uris(prefix, self.job.id, formats))
             write_outputs(prefix, self.job.id, result, self.home.settings, formats, deadline=self.run.deadline)
             result.timings["write"] = time.perf_counter() - started
-        self.job.connection.delete(record.chunks_key(self.job.id))  # the result holds them now
+        self.run.write(lambda: self.job.connection.delete(record.chunks_key(self.job.id)))  # the result holds them now
         return result.model_dump(mode="json")
 
     def failed(self, exc: BaseException) -> Retry:
