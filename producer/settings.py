@@ -92,6 +92,7 @@ class Settings(BaseModel):
     batch_max_jobs: int = Field(32, ge=1, description="jobs whose clips run in the engine at once; 1 = one at a time")
     batch_token_budget: int = Field(32768, ge=1, description="KV-cache rows the running clips may hold, in tokens")
     prefetch_jobs: int = Field(4, ge=0, description="jobs fetched and decoded ahead of the engine")
+    prefetch_threads: int = Field(8, ge=1, description="threads fetching and decoding them (and writing results)")
     batch_join_jobs: int = Field(8, ge=1, description="while the engine runs, new clips go in this many at a time "
                                  "(one tower call and prefill), or once the first has waited batch_join_wait")
     batch_join_wait: float = Field(0.25, ge=0, description="seconds a clip waits at most for others to join with")
