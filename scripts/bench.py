@@ -2,7 +2,8 @@
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
         .venv/bin/python scripts/bench.py [--model DIR] [--clips 256] [--min-seconds 2] [--max-seconds 30] \\
-        [--max-new-tokens 64] [--batch 1 32] [--token-budget 32768] [--prefetch 4] [--join-jobs 8] [--peer-python /tmp/vlmenv/bin/python] [--peer-clips 16] \\
+        [--max-new-tokens 64] [--batch 1 32] [--token-budget 32768] [--prefetch 4] [--join-jobs 8] \\
+        [--threads 8] [--peer-python /tmp/vlmenv/bin/python] [--peer-clips 16] \\
         [--json summary.json] [--log-dir DIR] [--profile]
 
 Starts its own redis-server and moto's S3 server (nothing kept), uploads ``--clips`` WAVs of
@@ -96,10 +97,11 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
     started = time.perf_counter()
     ids = [o.job_id for o in client.enqueue_many([{"audio_uri": u, "max_new_tokens": max_new_tokens} for u in uris])]
     enqueue_seconds = time.perf_counter() - started
-    log_path = log_dir / f"worker-{settings.batch_max_jobs}.log"
+    run_name = f"worker-{settings.batch_max_jobs}-{settings.prefetch_threads}"
+    log_path = log_dir / f"{run_name}.log"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     if profile:
-        env[PROFILE_VARIABLE] = str(log_dir / f"worker-{settings.batch_max_jobs}.profile.txt")
+        env[PROFILE_VARIABLE] = str(log_dir / f"{run_name}.profile.txt")
     with open(log_path, "w") as log:
         subprocess.run([sys.executable, __file__, WORKER_MODE, settings.model_dump_json()], env=env, stdout=log,
                        stderr=subprocess.STDOUT, check=True)
@@ -119,7 +121,7 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
     audio = sum(r.audio_seconds for r in results)
     tokens = sum(r.tokens for r in results)
     return {
-        "batch_max_jobs": settings.batch_max_jobs, "jobs": len(ids), "audio_seconds": audio, "tokens": tokens,
+        "batch_max_jobs": settings.batch_max_jobs, "prefetch_threads": settings.prefetch_threads, "jobs": len(ids), "audio_seconds": audio, "tokens": tokens,
         "enqueue_seconds": enqueue_seconds, "backlog_wall_seconds": wall,
         "audio_seconds_per_wall_second": audio / wall, "tokens_per_second": tokens / wall,
         "stage_seconds": {s: sum(r.timings.get(s, 0.0) for r in results) for s in STAGES},
@@ -144,7 +146,7 @@ def peer(python: str, model: str, lengths: list[float], max_new_tokens: int) -> 
 
 def print_run(run: dict) -> None:
     stages = ", ".join(f"{k} {v:.1f}" for k, v in run["stage_seconds"].items())
-    print(f"batch_max_jobs {run['batch_max_jobs']}: {run['jobs']} jobs, {run['audio_seconds']:.0f} audio s in "
+    print(f"batch_max_jobs {run['batch_max_jobs']}, prefetch_threads {run['prefetch_threads']}: {run['jobs']} jobs, {run['audio_seconds']:.0f} audio s in "
           f"{run['backlog_wall_seconds']:.1f} s: {run['audio_seconds_per_wall_second']:.2f} audio s / wall s, "
           f"{run['tokens_per_second']:.1f} tok/s; queue + storage overhead {run['queue_storage_overhead']:.1%}; "
           f"warm-up {run['warm_up_seconds']:.2f} s; peak RSS {run['peak_rss_mb']:.0f} MB, "
@@ -158,12 +160,13 @@ def run_worker_mode(settings_json: str) -> int:
 
     settings = Settings.model_validate_json(settings_json)
     profile = os.environ.get(PROFILE_VARIABLE)
-    if profile:  # the worker's main thread (the decode loop) under cProfile, its top functions to the file
+    if profile:  # the worker under cProfile (3.11: the main thread only), its top functions to the file
         import cProfile
         import pstats
 
         profiler = cProfile.Profile()
         status = profiler.runcall(run_worker, settings, burst=True)
+        profiler.dump_stats(profile + ".pstats")  # for pstats' callers and callees
         with open(profile, "w") as out:
             pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(60)
     else:
@@ -183,6 +186,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch_max_jobs values to run")
     parser.add_argument("--prefetch", type=int, default=4, help="prefetch_jobs")
     parser.add_argument("--join-jobs", type=int, default=8, help="batch_join_jobs")
+    parser.add_argument("--threads", type=int, nargs="+", default=[8], help="prefetch_threads values to run, "
+                        "each with every --batch value")
     parser.add_argument("--token-budget", type=int, default=32768,
                         help="batch_token_budget: KV rows the running clips may hold (a GPU takes far more)")
     parser.add_argument("--peer-python", help="python of a venv with mlx-vlm 0.7.10 (skipped without)")
@@ -190,7 +195,8 @@ def main() -> int:
     parser.add_argument("--json", help="write the summary here")
     parser.add_argument("--log-dir", type=Path, help="keep the worker logs here (default: deleted with the run)")
     parser.add_argument("--profile", action="store_true",
-                        help="run each worker's main thread under cProfile; its top functions go beside its log")
+                        help="run each worker under cProfile (its main thread; from Python 3.12 on, cProfile "
+                        "sees every thread); its top functions go beside its log")
     args = parser.parse_args()
     if args.log_dir:
         args.log_dir.mkdir(parents=True, exist_ok=True)
@@ -211,11 +217,12 @@ def main() -> int:
         uris = upload(endpoint, lengths)
         summary = {"model": model, "clips": args.clips, "clip_seconds": [args.min_seconds, args.max_seconds],
                    "max_new_tokens": args.max_new_tokens, "runs": []}
-        for batch in args.batch:
+        for threads, batch in [(t, b) for t in args.threads for b in args.batch]:
             settings = load_settings(environ={}, redis_url=redis_url, model=model, s3_endpoint_url=endpoint,
                                      s3_region="us-east-1", s3_addressing_style="path", batch_max_jobs=batch,
                                      batch_token_budget=args.token_budget, prefetch_jobs=args.prefetch,
-                                     batch_join_jobs=args.join_jobs, default_max_new_tokens=args.max_new_tokens)
+                                     prefetch_threads=threads, batch_join_jobs=args.join_jobs,
+                                     default_max_new_tokens=args.max_new_tokens)
             run = drain(settings, uris, args.max_new_tokens, args.log_dir or workdir, args.profile)
             summary["runs"].append(run)
             print_run(run)
@@ -228,7 +235,7 @@ def main() -> int:
             for run in summary["runs"]:
                 run["ratio_to_peer"] = run["audio_seconds_per_wall_second"] / p["audio_seconds_per_wall_second"]
                 run["token_ratio_to_peer"] = run["tokens_per_second"] / p["tokens_per_second"]
-                print(f"batch_max_jobs {run['batch_max_jobs']} / peer: {run['ratio_to_peer']:.2f}x audio s/s, "
+                print(f"batch_max_jobs {run['batch_max_jobs']}, prefetch_threads {run['prefetch_threads']} / peer: {run['ratio_to_peer']:.2f}x audio s/s, "
                       f"{run['token_ratio_to_peer']:.2f}x tok/s")
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=2))
