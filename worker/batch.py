@@ -25,8 +25,8 @@ time since its claim. The hard time limit (RQ's SIGALRM backstop) is armed whene
 goes back to the engine with clips in it, for the job in it that has run longest on that
 count; it raises ``HardTimeLimit`` out of the engine, and that job fails ``timeout`` while
 the other jobs' clips run again.
-Redis being away never fails a job here: stage hooks skip their progress/cancel writes,
-threads retry their step, and finishing waits for Redis (``outage.Backoff``).
+Redis being away never fails a job here: the records thread and the other threads retry
+their step (``outage.Backoff``) while the engine goes on with the clips it has.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from worker.failures import HardTimeLimit
 from worker.gemma4.engine import ClipOutput, ClipRequest
 from worker.gemma4.features import audio_token_count
 from worker.gemma4.scheduler import is_out_of_memory
+from worker.lifecycle import at_once
 from worker.outage import AWAY, Backoff
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from worker.job import AudioJob
     from worker.process import AudioWorker
 
+CLAIM_GROUP = 16  # jobs one task of the records thread claims, so that outcomes and cancel checks pass between
 WAIT = 0.25  # seconds the main thread waits for a thread's step before it looks at the queues again
 POLL = 0.2  # seconds between looks at queues found empty, so a busy engine's steps do not each cost round trips
 FRONT_END_AHEAD = 4  # waiting clips per job whose log-mel frames are computed ahead of the engine
@@ -140,13 +142,27 @@ class Batch:
             self.disarm()
             self.abandon()
             raise
+        except BaseException:
+            self.closing = True  # the records thread writes what it can without waiting for Redis
+            raise
         finally:
             self.disarm()
             self.pool.shutdown(wait=False, cancel_futures=True)
-            self.records.shutdown(wait=True)  # every outcome is on its record before RQ's loop goes on
+            self.drain_records()
         log.info("batch: %d jobs in %.3f s, %.3f s of it outside the engine (queues, storage, records); engine: %s",
                  self.claims, time.perf_counter() - started, self.outside,
                  ", ".join(f"{k} {v:.3g}" for k, v in sorted(totals.items())))
+
+    def drain_records(self) -> None:
+        """Wait for the records thread (every outcome on its record before RQ's loop goes on); a signal
+        meanwhile makes it stop waiting for Redis. Jobs it claimed that were never held go back."""
+        try:
+            self.records.shutdown(wait=True)
+        except BaseException:
+            self.closing = True
+            raise
+        finally:
+            self.release_claimed()
 
     def feed(self, free: int) -> list[ClipRequest]:
         """The engine asks for up to ``free`` clips before every step (0 while it is full): collect what
@@ -223,7 +239,7 @@ class Batch:
         wanted = min(self.settings.batch_max_jobs, running + free) + self.settings.prefetch_jobs - len(self.held)
         if (wanted > 0 and self.claiming is None and time.monotonic() >= self.taking_again_at
                 and self.worker.may_take()):
-            self.claiming = self.records.submit(self.claim_jobs, wanted)
+            self.claiming = self.records.submit(self.claim_jobs, min(wanted, CLAIM_GROUP))
 
     def claim_jobs(self, count: int) -> tuple[BaseException | None, bool]:
         """On the records thread: up to ``count`` jobs claimed, each handed over at once (``claimed``);
@@ -232,7 +248,7 @@ class Batch:
             if not self.worker.may_take():
                 break
             try:
-                claimed = self.worker.take()
+                claimed = self.worker.take(give_up=self.closed)
             except Exception as exc:
                 return exc, False
             if claimed is None:
@@ -254,8 +270,11 @@ class Batch:
         if isinstance(error, AWAY):
             self.taking_again_at = time.monotonic() + self.backoff.failed(error, "taking jobs")
             return
-        if error is not None:
-            raise error
+        if error is not None:  # Redis refusing (read-only replica, out of memory...): the held jobs go on
+            log.error("taking jobs failed (%s: %s); trying again in %g s", type(error).__name__, error,
+                      self.settings.redis_retry_max_wait)
+            self.taking_again_at = time.monotonic() + self.settings.redis_retry_max_wait
+            return
         self.backoff.succeeded()
         if dry:
             self.taking_again_at = time.monotonic() + POLL
@@ -283,7 +302,7 @@ class Batch:
         result or a failed record write (a cancel) ends its job."""
         self.collect_claims()
         for held in list(self.held):
-            if held.record_failure is not None:
+            if held.record_failure is not None and held.step is None:  # a result being written ends as written
                 self.end(held, held.record_failure)
                 continue
             if held.step is None or not held.step.done() or held.ended:
@@ -305,7 +324,7 @@ class Batch:
         try:
             if held.work.complete:
                 held.writing = True
-                held.step = self.pool.submit(self.riding_out, held.work.result,
+                held.step = self.pool.submit(self.riding_out, self.result_step(held),
                                              f"writing the result of job {held.job.id}")
                 return
             held.waiting += held.work.clips()
@@ -315,6 +334,18 @@ class Batch:
             return
         if not held.waiting and not held.in_engine:
             self.end(held, AudioqError(FailureCode.MODEL_ERROR, "the job has no clip left to run but no result"))
+
+    def result_step(self, held: Held):
+        """``JobWork.result`` in a thread, its record I/O back in that thread (a cancel then stops the
+        output write, as before a batch), once the records thread has written what was queued for it."""
+        queued = self.records.submit(lambda: None)
+
+        def step() -> dict:
+            queued.result()
+            held.work.run.write = at_once
+            return held.work.result()
+
+        return step
 
     def begin_front_ends(self, held: Held) -> None:
         """Start the front-end of the job's next few waiting clips (not all: a 4 h recording has 480)."""
@@ -390,6 +421,9 @@ class Batch:
         try:
             self.records_backoff.retry(action, f"writing the record of job {held.job.id}", give_up=self.closed)
         except Exception as exc:
+            if held.ended or self.closing:  # nobody will end the job with it: say so
+                log.warning("job %s: a write of its record failed after its end (%s: %s)", held.job.id,
+                            type(exc).__name__, exc)
             held.record_failure = held.record_failure or exc
 
     def closed(self) -> bool:
@@ -399,18 +433,23 @@ class Batch:
         """Charge each held job its share of the time since the last charge; the rest it waited for others.
 
         A job in the engine is charged the fraction of the engine's rows that are its own; a
-        job prepared but waiting for room, nothing; a job whose own step (fetch and decode,
-        writing its result) runs in a thread, all of it. So a job's deadline measures its own
+        job prepared but waiting for room, or whose step waits for a free thread, nothing; a
+        job whose own step (fetch and decode, writing its result) runs in a thread, all of it. So a job's deadline measures its own
         work, not the size of the batch it landed in (docs/design.md, "Several jobs at once").
         """
         now = time.monotonic()
         elapsed, self.shared_at = now - self.shared_at, now
         rows = Counter(id(held) for held, *_ in self.in_flight.values())
         for held in self.held:
-            if held.work is None or held.ended or held.step is not None:
+            if held.work is None or held.ended or (held.step is not None and not self.queued(held.step)):
                 continue
             share = rows[id(held)] / len(self.in_flight) if self.in_flight else 0.0
             held.work.run.waited += elapsed * (1.0 - share)
+
+    @staticmethod
+    def queued(step: Future) -> bool:
+        """A thread's step that waits for a free thread: its job waits for the others meanwhile."""
+        return not step.running() and not step.done()
 
     def arm(self) -> None:
         """RQ's hard time limit, for the job in the engine that has run longest on its own count (none: nothing runs).
@@ -438,6 +477,9 @@ class Batch:
     def hard_limit_reached(self, exc: HardTimeLimit) -> None:
         """The alarm went off in the engine: the job that has run longest fails; the others' clips run again."""
         running = [h for h, *_ in self.in_flight.values() if not h.ended]
+        for held in self.held:  # the alarm may have cut a stage hook between queueing a sync and handing it over
+            if held.work is not None:
+                held.work.run.sync_queued = False
         for held, original, _, cost in self.in_flight.values():
             held.in_engine -= 1
             held.waiting.insert(0, original)
@@ -480,14 +522,20 @@ class Batch:
         Redis), and the jobs it was claiming are held, so they go back too."""
         self.closing = True
         self.records.shutdown(wait=True, cancel_futures=False)
-        claimed = list(self.claimed)
+        self.release_claimed()
         order = sorted((h for h in self.held if not h.ended), key=lambda h: h.rank, reverse=True)
-        unstarted = [(h.job, h.queue, h.execution, h.prior_meta) for h in order if not h.started]
-        unstarted += [(job, queue, execution, dict(job.meta)) for job, queue, execution in claimed]
-        for job, queue, execution, prior_meta in unstarted:
-            self.resolving(job, lambda: self.worker.release(job, queue, execution, prior_meta))
+        for held in (h for h in order if not h.started):
+            self.resolving(held.job, lambda: self.worker.release(held.job, held.queue, held.execution,
+                                                                 held.prior_meta))
         for held in (h for h in order if h.started):
             self.resolving(held.job, lambda: self.worker.abandon(held.job, held.execution))
+
+    def release_claimed(self) -> None:
+        """Jobs the records thread claimed that were never held go back first, the last claimed first (each
+        goes to the front of its queue), so the queue keeps its order."""
+        while self.claimed:
+            job, queue, execution = self.claimed.pop()
+            self.resolving(job, lambda: self.worker.release(job, queue, execution, dict(job.meta)))
 
     def resolving(self, job: AudioJob, action) -> None:
         try:

@@ -8,13 +8,15 @@ and a batch of clips from several jobs: each clip's ``on_stage`` hook calls its 
 (``send_stop_job_command`` is a no-op without a work horse) and RQ's SIGALRM cannot
 interrupt a long native MLX call, so the deadline and the cancel flag are checked at every
 stage boundary and, throttled, at every decode step, raising ``timeout`` or ``canceled``
-out of the engine.
+out of the engine. In a batch, the cancel check runs on the batch's records thread
+(``JobRun.write``), which ends the job from there.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -50,6 +52,11 @@ def record_failure(job: Job, failure: JobFailure) -> None:
     job.save_meta()
 
 
+def at_once(action: Callable[[], None]) -> None:
+    """``JobRun.write`` outside a batch's records thread: the record's I/O runs in the calling thread."""
+    action()
+
+
 class JobRun:
     def __init__(self, job: Job, settings: Settings, worker: str):
         self.job = job
@@ -62,11 +69,12 @@ class JobRun:
         self.current: tuple | None = None  # the stage and progress last entered
         self.progress: dict | None = None  # its Progress, not yet on the record
         self.sync_queued = False  # a ``sync`` is handed to ``write`` and has not started yet
+        self.lock = threading.Lock()  # for the three above, which ``stage`` and a ``sync`` elsewhere share
         self.checked_at = -math.inf
         # Where the record's reads and writes run (``sync``, chunk saves): here, by default. A
         # batch hands them to its records thread, so the thread that runs the model never
         # waits for Redis (docs/design.md, "The records thread").
-        self.write: Callable[[Callable[[], None]], None] = lambda action: action()
+        self.write: Callable[[Callable[[], None]], None] = at_once
 
     @property
     def budget(self) -> float:
@@ -109,24 +117,27 @@ class JobRun:
         if position == self.current and now - self.checked_at < CHECK_INTERVAL:
             return
         self.checked_at = now
-        if position != self.current:
-            self.current = position
-            self.progress = Progress(stage=name, **where).model_dump(mode="json")
-        if not self.sync_queued:  # one pending sync at a time: it reads the newest stage when it runs
-            self.sync_queued = True
+        with self.lock:
+            if position != self.current:
+                self.current = position
+                self.progress = Progress(stage=name, **where).model_dump(mode="json")
+            queue, self.sync_queued = not self.sync_queued, True  # one pending sync: it reads the newest stage
+        if queue:
             self.write(self.sync)
 
     def sync(self) -> None:
         """Raise if the job was canceled; else put the newest progress on the record (through ``write``)."""
-        self.sync_queued = False
+        with self.lock:
+            self.sync_queued = False
+            name, progress = self.current[0], self.progress
         if self.job.connection.exists(record.cancel_key(self.job.id)):
-            raise AudioqError(FailureCode.CANCELED, f"canceled on request, at stage {self.current[0]}")
-        progress = self.progress
+            raise AudioqError(FailureCode.CANCELED, f"canceled on request, at stage {name}")
         if progress is not None:
             self.job.meta[record.META_PROGRESS] = progress
             self.job.save_meta()
-            if self.progress is progress:  # not replaced meanwhile by a newer stage
-                self.progress = None
+            with self.lock:
+                if self.progress is progress:  # not replaced meanwhile by a newer stage, which a sync writes next
+                    self.progress = None
 
     def failure(self, exc: BaseException) -> JobFailure:
         return failure_for(exc, attempt=self.attempt, worker=self.worker)

@@ -263,8 +263,11 @@ class AudioWorker(SimpleWorker):
     def queue_rank(self, queue) -> int:
         return self.queue_names().index(queue.name)
 
-    def take(self) -> tuple[AudioJob, Queue, Execution] | None:
-        """The next waiting job (highest-priority queue first), claimed, or None; never blocks."""
+    def take(self, give_up: Callable[[], bool] = lambda: False) -> tuple[AudioJob, Queue, Execution] | None:
+        """The next waiting job (highest-priority queue first), claimed, or None; never blocks.
+
+        Redis going away mid-claim puts the job back, waiting for Redis unless ``give_up()``
+        (a cold shutdown: the reaper then resolves it once its beat expires)."""
         while True:
             try:
                 result = self.queue_class.dequeue_any(self.queues, None, connection=self.connection,
@@ -283,7 +286,7 @@ class AudioWorker(SimpleWorker):
                 return job, queue, self.claim(job, queue)
             except AWAY as exc:
                 self.backoff.retry(lambda: self.release(job, queue, self.execution, dict(job.meta)),
-                                   f"putting job {job.id} back")
+                                   f"putting job {job.id} back", give_up=give_up)
                 raise exc
 
     def claim(self, job: AudioJob, queue) -> Execution:
