@@ -93,6 +93,7 @@ class Held:
     claimed_at: float = field(default_factory=time.monotonic)
     work: task.JobWork | None = None  # None: refused before any work (not an audioq job)
     step: Future | None = None  # prepare or result, running in a thread
+    queued_writes: Future | None = None  # its result step starts once the records thread has written these
     ready: bool = False  # prepared: its clips may go into the engine
     started: bool = False  # a clip of it has gone into the engine
     writing: bool = False  # its result step has been started
@@ -138,12 +139,9 @@ class Batch:
                 except HardTimeLimit as exc:  # the alarm fired inside the engine's work
                     self.disarm()
                     self.hard_limit_reached(exc)
-        except (SystemExit, KeyboardInterrupt):  # a cold shutdown
+        except BaseException:  # a cold shutdown (SystemExit, KeyboardInterrupt), or a fault of the worker's own
             self.disarm()
             self.abandon()
-            raise
-        except BaseException:
-            self.closing = True  # the records thread writes what it can without waiting for Redis
             raise
         finally:
             self.disarm()
@@ -190,6 +188,7 @@ class Batch:
             if self.in_flight or not (self.held or self.claiming):
                 return []
             steps = [h.step for h in self.held if h.step is not None] + [f for f in [self.claiming] if f]
+            steps += [h.queued_writes for h in self.held if h.queued_writes is not None]
             if steps:
                 wait(steps, timeout=WAIT, return_when=FIRST_COMPLETED)
             else:
@@ -245,7 +244,7 @@ class Batch:
         """On the records thread: up to ``count`` jobs claimed, each handed over at once (``claimed``);
         returns the error that stopped it and whether the queues ran dry."""
         for _ in range(count):
-            if not self.worker.may_take():
+            if self.closing or not self.worker.may_take():
                 break
             try:
                 claimed = self.worker.take(give_up=self.closed)
@@ -257,8 +256,8 @@ class Batch:
         return None, False
 
     def collect_claims(self) -> None:
-        """Hold the jobs the records thread claimed so far; once it is done, Redis away delays the next
-        claims, and another error raises."""
+        """Hold the jobs the records thread claimed so far; once it is done, an error (Redis away, or
+        refusing) delays the next claims."""
         while self.claimed:
             self.hold(*self.claimed.popleft())
         if self.claiming is None or not self.claiming.done():
@@ -294,8 +293,9 @@ class Batch:
         held.step = self.pool.submit(self.riding_out, held.work.prepare, f"preparing job {job.id}")
 
     def riding_out(self, step, doing: str) -> Any:
-        """A thread's step, run again while Redis is away (it claims, records progress, writes the result)."""
-        return Backoff(self.settings.redis_retry_max_wait).retry(step, doing)
+        """A thread's step, run again while Redis is away (it claims, records progress, writes the result),
+        but not once the batch is closing."""
+        return Backoff(self.settings.redis_retry_max_wait).retry(step, doing, give_up=self.closed)
 
     def advance(self) -> None:
         """Take in what the threads finished: claimed jobs are held, a prepared job gets its clips, a written
@@ -304,6 +304,11 @@ class Batch:
         for held in list(self.held):
             if held.record_failure is not None and held.step is None:  # a result being written ends as written
                 self.end(held, held.record_failure)
+                continue
+            if held.queued_writes is not None and held.queued_writes.done():
+                held.queued_writes = None
+                held.step = self.pool.submit(self.riding_out, self.result_step(held),
+                                             f"writing the result of job {held.job.id}")
                 continue
             if held.step is None or not held.step.done() or held.ended:
                 continue
@@ -322,10 +327,9 @@ class Batch:
     def next_step(self, held: Held) -> None:
         """After a job was prepared or got an output back: write its result, or queue its next clips."""
         try:
-            if held.work.complete:
+            if held.work.complete:  # its result step starts once what was queued for its record is written
                 held.writing = True
-                held.step = self.pool.submit(self.riding_out, self.result_step(held),
-                                             f"writing the result of job {held.job.id}")
+                held.queued_writes = self.records.submit(lambda: None)
                 return
             held.waiting += held.work.clips()
             self.begin_front_ends(held)
@@ -336,13 +340,16 @@ class Batch:
             self.end(held, AudioqError(FailureCode.MODEL_ERROR, "the job has no clip left to run but no result"))
 
     def result_step(self, held: Held):
-        """``JobWork.result`` in a thread, its record I/O back in that thread (a cancel then stops the
-        output write, as before a batch), once the records thread has written what was queued for it."""
-        queued = self.records.submit(lambda: None)
+        """``JobWork.result`` in a thread, its record I/O back in that thread, so that a cancel stops the
+        output write as it does outside a batch; none once the batch is closing (the reaper has the job)."""
+
+        def write(action) -> None:
+            if self.closing:
+                raise JobEnded(f"job {held.job.id}: the worker is shutting down")
+            at_once(action)
 
         def step() -> dict:
-            queued.result()
-            held.work.run.write = at_once
+            held.work.run.write = write
             return held.work.result()
 
         return step
@@ -422,8 +429,8 @@ class Batch:
             self.records_backoff.retry(action, f"writing the record of job {held.job.id}", give_up=self.closed)
         except Exception as exc:
             if held.ended or self.closing:  # nobody will end the job with it: say so
-                log.warning("job %s: a write of its record failed after its end (%s: %s)", held.job.id,
-                            type(exc).__name__, exc)
+                log.warning("job %s: a write of its record failed %s (%s: %s)", held.job.id,
+                            "after its end" if held.ended else "while the worker shuts down", type(exc).__name__, exc)
             held.record_failure = held.record_failure or exc
 
     def closed(self) -> bool:
@@ -519,7 +526,7 @@ class Batch:
         """Cold shutdown: unstarted jobs go back unrun; started ones are resolved as lost (requeued or worker_lost).
 
         The records thread first writes what it was handed (outcomes, chunks; not waiting for
-        Redis), and the jobs it was claiming are held, so they go back too."""
+        Redis), and the jobs it claimed but never handed over go back first."""
         self.closing = True
         self.records.shutdown(wait=True, cancel_futures=False)
         self.release_claimed()

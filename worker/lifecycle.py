@@ -8,8 +8,8 @@ and a batch of clips from several jobs: each clip's ``on_stage`` hook calls its 
 (``send_stop_job_command`` is a no-op without a work horse) and RQ's SIGALRM cannot
 interrupt a long native MLX call, so the deadline and the cancel flag are checked at every
 stage boundary and, throttled, at every decode step, raising ``timeout`` or ``canceled``
-out of the engine. In a batch, the cancel check runs on the batch's records thread
-(``JobRun.write``), which ends the job from there.
+out of the engine. In a batch, the cancel check of a prepared job runs on the batch's
+records thread (``JobRun.write``), and the batch ends the job with what it raises.
 """
 
 from __future__ import annotations

@@ -266,8 +266,9 @@ class AudioWorker(SimpleWorker):
     def take(self, give_up: Callable[[], bool] = lambda: False) -> tuple[AudioJob, Queue, Execution] | None:
         """The next waiting job (highest-priority queue first), claimed, or None; never blocks.
 
-        Redis going away mid-claim puts the job back, waiting for Redis unless ``give_up()``
-        (a cold shutdown: the reaper then resolves it once its beat expires)."""
+        A claim that fails puts the job back (waiting for Redis while it is away, unless
+        ``give_up()``: a cold shutdown) and raises; a job that cannot go back gets no more beats,
+        so the reaper or the orphan sweep resolves it."""
         while True:
             try:
                 result = self.queue_class.dequeue_any(self.queues, None, connection=self.connection,
@@ -284,9 +285,14 @@ class AudioWorker(SimpleWorker):
             self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
             try:
                 return job, queue, self.claim(job, queue)
-            except AWAY as exc:
-                self.backoff.retry(lambda: self.release(job, queue, self.execution, dict(job.meta)),
-                                   f"putting job {job.id} back", give_up=give_up)
+            except Exception as exc:
+                try:
+                    self.backoff.retry(lambda: self.release(job, queue, self.execution, dict(job.meta)),
+                                       f"putting job {job.id} back", give_up=give_up)
+                except Exception as again:
+                    self.log.error("job %s: its claim failed (%s) and it cannot go back (%s); the reaper or the "
+                                   "orphan sweep resolves it", job.id, exc, again)
+                    self.maintenance.forget(job.id)
                 raise exc
 
     def claim(self, job: AudioJob, queue) -> Execution:
