@@ -440,9 +440,10 @@ class Batch:
         """Charge each held job its share of the time since the last charge; the rest it waited for others.
 
         A job in the engine is charged the fraction of the engine's rows that are its own; a
-        job prepared but waiting for room, or whose step waits for a free thread, nothing; a
-        job whose own step (fetch and decode, writing its result) runs in a thread, all of it. So a job's deadline measures its own
-        work, not the size of the batch it landed in (docs/design.md, "Several jobs at once").
+        job prepared but waiting for room, or whose step waits for a free thread or for the
+        records thread, nothing; a job whose own step (fetch and decode, writing its result)
+        runs in a thread, all of it. So a job's deadline measures its own work, not the size
+        of the batch it landed in (docs/design.md, "Several jobs at once").
         """
         now = time.monotonic()
         elapsed, self.shared_at = now - self.shared_at, now
