@@ -15,6 +15,7 @@ import pytest
 
 from conftest import make_tone
 from producer.failures import AudioqError, FailureCode
+from worker.gemma4.attention import decode_attention
 from worker.gemma4.engine import ClipRequest, Engine, Prompt
 
 SECONDS = [0.3, 1.3, 4.0, 11.0, 30.0]
@@ -69,6 +70,27 @@ def test_rows_joining_mid_flight_decode_as_they_do_alone(engine, prompts, alone)
     twice = prompts + [prompts[2]]  # the same prompt, joining at another step
     joins = [0, 3, 5, 9, 1, 2, 11]
     assert engine.generate(twice, NEW_TOKENS, stop_ids=(), joins=joins) == alone + [alone[2]]
+
+
+def test_rows_joining_where_others_left_decode_as_they_do_alone(engine, prompts, alone):
+    """Rows that finish leave holes in the cache until rows join or holes are half the batch."""
+    twice = prompts + [prompts[0], prompts[4]]
+    budgets = [2, NEW_TOKENS, 5, NEW_TOKENS, 5, 7, NEW_TOKENS, 4]
+    joins = [0, 0, 0, 0, 4, 4, 6, 12]  # each group joins after some of the running rows left
+    expected = [a[:n] for a, n in zip(alone + [alone[0], alone[4]], budgets)]
+    assert engine.generate(twice, budgets, stop_ids=(), joins=joins) == expected
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 1), (4, 2)])
+def test_decode_attention_with_heads_as_positions_is_the_grouped_attention(heads, kv_heads):
+    rng = np.random.default_rng(3)
+    rows, width, dim = 5, 37, 64
+    q, k, v = (mx.array(rng.standard_normal(shape).astype(np.float32))
+               for shape in ((rows, heads, 1, dim), (rows, kv_heads, width, dim), (rows, kv_heads, width, dim)))
+    mask = mx.arange(width) >= mx.array([0, 3, 9, 20, 36])[:, None, None, None]
+    for m in (mask, None):
+        grouped = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=m)
+        assert mx.array_equal(decode_attention(q, k, v, None, scale=0.125, mask=m), grouped)
 
 
 def test_a_row_dropped_by_its_check_point_leaves_the_others_unchanged(engine, waves):

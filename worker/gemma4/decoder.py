@@ -11,7 +11,8 @@ proportional RoPE, PLE gating, ``layer_scalar``). Two things its
   prompt only the last position needs to go through them (E2B: 20 of 35 layers).
 
 Every call works on a batch of rows: prompts of different lengths are left-padded, and the
-caches and masks of ``KVBatch`` keep each row exact under that padding.
+caches and masks of ``KVBatch`` keep each row exact under that padding. Decode steps'
+attention goes through ``attention.decode_attention`` (the query heads as positions).
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import mlx.core as mx
 from mlx_lm.models import gemma4_text
 
 from producer.failures import AudioqError, FailureCode
+from worker.gemma4 import attention
 from worker.gemma4.config import TokenIds
 from worker.gemma4.kv_batch import KVBatch
 
 
 class Decoder:
     def __init__(self, text_model: gemma4_text.Model, tokens: TokenIds):
+        attention.install()
         self.lm = text_model
         self.stack = text_model.model
         args = text_model.args
@@ -35,6 +38,7 @@ class Decoder:
         self.num_layers = args.num_hidden_layers
         self.first_shared = args.num_hidden_layers - args.num_kv_shared_layers
         self.window = args.sliding_window
+        self.producer_types = [layer.layer_type for layer in self.stack.layers[:self.first_shared]]
         self.softcap = args.final_logit_softcapping
         self.tokens = tokens
         # ids as the embedding tables read them: every media placeholder reads pad (one gather a step)
@@ -136,7 +140,7 @@ class Decoder:
         ids = mx.array([[self.tokens.pad] * pad + r for pad, r in zip(pads, rows)])
         in_prompt = mx.array([[False] * pad + [True] * len(p) + [False] * len(g)
                               for pad, p, g in zip(pads, prompts, generated)])
-        batch = KVBatch(self.first_shared, pads, self.window)
+        batch = KVBatch(self.producer_types, pads, self.window)
         x, ple = self.embed(ids, audio, in_prompt)
         hidden = self.forward(x, ple, batch, last_only=True)
         return self.logits(hidden[:, -1, :]), batch

@@ -6,8 +6,9 @@ different lengths) and ``filter`` (drops rows, then the columns every row pads) 
 Sliding layers do not use ``BatchRotatingKVCache``: its ring buffer keeps one write index
 for all rows, and extending or merging rotated caches of different lengths is where
 mlx-lm #983 lives. Because every row's newest key sits in the last column, the sliding
-window is the same column range for every row, so a mask does what the ring does, exactly
-(docs/design.md, "Batching").
+window is the same column range for every row: the last ``window`` columns. A decode step
+of a sliding layer reads only those (``WindowCache``), and a mask does the rest of what the
+ring does, exactly (docs/design.md, "Batching").
 
 The masks are built here, once per layer type and step, from a host-side copy of the left
 padding, so a step needs no device read.
@@ -21,9 +22,30 @@ from mlx_lm.models.cache import BatchKVCache
 SLIDING = "sliding_attention"
 
 
+class WindowCache(BatchKVCache):
+    """A sliding layer's cache: a decode step gets only the window's columns back.
+
+    The layer (and every KV-shared layer reading it) then attends over ``window`` columns,
+    not over every column the batch holds; the columns before the window are invisible to a
+    decode step's query anyway. Prefill chunks get every column: their earlier queries see
+    earlier windows.
+    """
+
+    def __init__(self, pads: list[int], window: int):
+        super().__init__(pads)
+        self.window = window
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        keys_all, values_all = super().update_and_fetch(keys, values)
+        if keys.shape[2] == 1 and keys_all.shape[2] > self.window:
+            return keys_all[..., -self.window:, :], values_all[..., -self.window:, :]
+        return keys_all, values_all
+
+
 class KVBatch:
-    def __init__(self, num_layers: int, pads: list[int], window: int):
-        self.caches = [BatchKVCache(pads) for _ in range(num_layers)]
+    def __init__(self, layer_types: list[str], pads: list[int], window: int):
+        self.caches = [WindowCache(pads, window) if kind == SLIDING and window else BatchKVCache(pads)
+                       for kind in layer_types]
         self.pads = list(pads)  # leading columns of each row that hold no token
         self.window = window
         self.columns = 0
@@ -42,17 +64,20 @@ class KVBatch:
         A key column is visible to a query column when it is not after it, is inside the
         window (sliding layers), and is not the row's left padding. A padding query also
         sees itself, so its softmax has one finite term (its output is never read). A decode
-        step's query is the last column, so its mask is one threshold per row.
+        step's query is the last column, so its mask is one threshold per row, over the
+        columns the layer reads (a sliding layer: its window, ``WindowCache``): none at all
+        when no row pads any of them.
         """
         total = self.columns + new
         out: dict[str, mx.array | str | None] = {}
         for kind, window in (("full_attention", None), (SLIDING, self.window)):
-            if not any(self.pads) and (window is None or total <= window):
-                out[kind] = None if new == 1 else "causal"
+            if new == 1:  # a decode step: one threshold per row, computed on the host
+                start = total - window if window and total > window else 0  # the first column read
+                first = [max(p - start, 0) for p in self.pads]
+                out[kind] = mx.arange(total - start) >= mx.array(first)[:, None, None, None] if any(first) else None
                 continue
-            if new == 1:  # a decode step: one threshold column per row, computed on the host
-                first = [max(p, total - window) if window else p for p in self.pads]
-                out[kind] = mx.arange(total) >= mx.array(first)[:, None, None, None]
+            if not any(self.pads) and (window is None or total <= window):
+                out[kind] = "causal"
                 continue
             q = mx.arange(self.columns, total)[:, None]
             k = mx.arange(total)[None]

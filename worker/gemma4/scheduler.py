@@ -6,6 +6,12 @@ the row limit and the memory budget), prefills them in groups and extends the ru
 batch with them; rows that stop, spend their budget or whose check point raises leave the
 batch at once, so long outputs never hold short ones hostage.
 
+A row that leaves is finished at once but leaves a hole: its cache columns stay, computed
+for nothing, until rows join (extending the cache copies it anyway) or holes are half the
+batch. Dropping a row copies every layer's cache (25 ms for 256 rows on the H200, about a
+whole step), and rows leave at nearly every step; a hole costs little, because a step's
+time hardly grows with its rows (docs/design.md, "Batching").
+
 Running out of device memory fails nothing: a group whose prefill does not fit is split
 in halves and retried (so is a group the model refuses, so that the row at fault fails
 alone); a decode step that does not fit sends every running row back to the waiting line
@@ -28,6 +34,7 @@ from worker.gemma4.decoder import Decoder
 from worker.gemma4.kv_batch import KVBatch
 
 PADDING_SLACK = 1.25  # a batched call may compute at most this much more than its rows need
+HOLES_SHARE = 0.5  # compact the batch when this share of its rows are holes
 OOM_MARKERS = ("out of memory", "malloc]", "bad_alloc", "resource limit", "unable to allocate")
 
 
@@ -102,19 +109,24 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.prefill_tokens = prefill_tokens
         self.waiting: deque[Row] = deque()
-        self.rows: list[Row] = []
+        self.rows: list[Row | None] = []  # the batch's rows in cache order; None: a hole
         self.batch: KVBatch | None = None
         self.token: mx.array | None = None  # the next input of every running row, not yet read
         # totals for benchmarks, logs and callers: seconds in prefill and decode, rows, prefill calls, steps, tokens read
         self.stats: dict[str, float] = dict(prefill=0.0, decode=0.0, rows=0, prefills=0, tokens=0, steps=0,
                                             peak_rows=0, out_of_memory=0)
 
+    @property
+    def running(self) -> list[Row]:
+        return [r for r in self.rows if r is not None]
+
     def free(self) -> int:
-        """Rows the batch could take now, counting the waiting ones as taken."""
-        room = self.max_rows - len(self.rows) - len(self.waiting)
-        if self.rows:
-            widest = max(r.reserve for r in self.rows)
-            room = min(room, self.max_batch_tokens // widest - len(self.rows) - len(self.waiting))
+        """Rows the batch could take now, counting the waiting ones as taken (holes are not rows)."""
+        running = self.running
+        room = self.max_rows - len(running) - len(self.waiting)
+        if running:
+            widest = max(r.reserve for r in running)
+            room = min(room, self.max_batch_tokens // widest - len(running) - len(self.waiting))
         return max(room, 0)
 
     def run(self, feed: Callable[[int], list[Row] | None], finish: Finish) -> None:
@@ -130,7 +142,7 @@ class Scheduler:
             fed = feed(free)
             self.waiting.extend(fed or [])
             self._admit(finish)
-            if not self.rows:
+            if self.batch is None:
                 if fed is None and not self.waiting:
                     return
                 continue
@@ -141,10 +153,11 @@ class Scheduler:
     def _admit(self, finish: Finish) -> None:
         """Move waiting rows that fit into the batch, prefilled in groups."""
         chosen: list[Row] = []
-        while self.waiting and len(self.rows) + len(chosen) < self.max_rows:
+        running = self.running
+        while self.waiting and len(running) + len(chosen) < self.max_rows:
             row = self.waiting[0]
-            count = len(self.rows) + len(chosen) + 1
-            widest = max([row.reserve] + [r.reserve for r in self.rows + chosen])
+            count = len(running) + len(chosen) + 1
+            widest = max([row.reserve] + [r.reserve for r in running + chosen])
             if count > 1 and count * widest > self.max_batch_tokens:
                 break
             chosen.append(self.waiting.popleft())
@@ -209,6 +222,7 @@ class Scheduler:
         if self.batch is None:
             self.rows, self.batch, self.token = live, batch, first
             return
+        self._compact()
         self.batch.extend(batch)
         self.rows = self.rows + live
         self.token = mx.concatenate([self.token, first])
@@ -217,32 +231,34 @@ class Scheduler:
 
     def _step(self, finish: Finish) -> None:
         started = time.perf_counter()
-        live = []
+        left = []
         for i, row in enumerate(self.rows):
+            if row is None:
+                continue
             try:
                 row.check("generate")
-                live.append(i)
             except Exception as exc:
                 finish(row, exc)
-        self._keep(live)
-        if not self.rows:
+                left.append(i)
+        self._leave(left)
+        if self.batch is None:
             return
+        running = self.running
         try:
             following = None
-            if any(len(r.tokens) + 1 < r.budget for r in self.rows):
+            if any(len(r.tokens) + 1 < r.budget for r in running):
                 following = mx.argmax(self.decoder.step(self.token, self.batch), axis=-1)
                 mx.async_eval(following)
             values = self.token.tolist()
         except Exception as exc:
             if not is_out_of_memory(exc):  # the step itself is broken: its rows fail, the stream goes on
-                rows = self.rows
-                self._keep([])
-                for row in rows:
+                self._clear()
+                for row in running:
                     finish(row, exc)
                 return
-            if len(self.rows) == 1:
-                row = self.rows[0]
-                self._keep([])
+            if len(running) == 1:
+                row = running[0]
+                self._clear()
                 mx.clear_cache()
                 finish(row, AudioqError(FailureCode.MODEL_ERROR, "out of device memory decoding one row "
                                         f"of {len(row.ids) + len(row.tokens)} tokens alone: {exc}"))
@@ -251,36 +267,51 @@ class Scheduler:
             self._requeue_all()
             return
         self.stats["steps"] += 1
-        self.stats["tokens"] += len(values)
-        self.stats["peak_rows"] = max(self.stats["peak_rows"], len(values))
-        kept = []
+        self.stats["tokens"] += len(running)
+        self.stats["peak_rows"] = max(self.stats["peak_rows"], len(running))
+        left = []
         for i, (row, value) in enumerate(zip(self.rows, values)):
+            if row is None:
+                continue
             if value in row.stop:
                 finish(row, row.tokens)
+                left.append(i)
                 continue
             row.tokens.append(value)
             if len(row.tokens) >= row.budget:
                 finish(row, row.tokens)
-                continue
-            kept.append(i)
+                left.append(i)
         self.token = following
-        self._keep(kept)
+        self._leave(left)
         self.stats["decode"] += time.perf_counter() - started
 
-    def _keep(self, indices: list[int]) -> None:
-        if len(indices) == len(self.rows):
+    def _leave(self, indices: list[int]) -> None:
+        """Rows ``indices`` are done: each leaves a hole; the batch goes when none runs, compacts when half are holes."""
+        for i in indices:
+            self.rows[i] = None
+        holes = self.rows.count(None)
+        if holes == len(self.rows):
+            self._clear()
+        elif holes >= HOLES_SHARE * len(self.rows):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the holes from the cache and the pending tokens."""
+        kept = [i for i, row in enumerate(self.rows) if row is not None]
+        if len(kept) == len(self.rows):
             return
-        if not indices:
-            self.rows, self.batch, self.token = [], None, None
-            return
-        self.rows = [self.rows[i] for i in indices]
-        self.batch.keep(indices)
+        self.rows = [self.rows[i] for i in kept]
+        self.batch.keep(kept)
         if self.token is not None:
-            self.token = self.token[mx.array(indices)]
+            self.token = self.token[mx.array(kept)]
+
+    def _clear(self) -> None:
+        self.rows, self.batch, self.token = [], None, None
 
     def _requeue_all(self) -> None:
         """A step did not fit: every running row waits again (first in line), half as many rows."""
-        self.waiting.extendleft(reversed(self.rows))
-        self.max_rows = max(1, len(self.rows) // 2)
-        self.rows, self.batch, self.token = [], None, None
+        running = self.running
+        self.waiting.extendleft(reversed(running))
+        self.max_rows = max(1, len(running) // 2)
+        self._clear()
         mx.clear_cache()
