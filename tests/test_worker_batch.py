@@ -3,12 +3,13 @@
 Workers run as real subprocesses (``run_worker`` on the tiny e2b checkpoint) or in this
 process (``run_burst``), against real Redis: the shared test database, or a redis-server of
 the test's own (AOF on) when the test restarts it. Jobs on ``long_tone`` generate exactly
-their ``max_new_tokens`` (~5-7 ms a token here), which sets how long a job stays in the
+their ``max_new_tokens`` (5-15 ms a token, by machine), which sets how long a job stays in the
 engine while the test looks at the others.
 """
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 
@@ -133,8 +134,13 @@ def test_jobs_waiting_in_a_batch_past_the_hard_time_limit_are_not_taken_for_lost
     """The beat stops for a job past ``hard_timeout`` (the main thread must be stuck), counted as
     its deadline is: a job that merely waits behind the others keeps its beat, is not requeued
     as lost while it is held, and runs once."""
-    settings = worker_settings(redis_url, batch_max_jobs=1, prefetch_jobs=5, test_hard_timeout=2, lost_after=1.0)
-    jobs = [enqueue(redis_conn, requests["long"](100), job_id=f"queued-{n}") for n in range(6)]  # ~0.6 s each
+    pace = enqueue(redis_conn, requests["long"](100), job_id="pace")  # one job alone: this machine's pace
+    run_burst(worker_settings(redis_url, batch_max_jobs=1), engine)
+    pace = fetch(redis_conn, pace.id)
+    alone = (pace.ended_at - pace.started_at).total_seconds()
+    hard = max(2, math.ceil(2 * alone))  # a job's own run fits twice; the sixth in line waits ~5 runs
+    settings = worker_settings(redis_url, batch_max_jobs=1, prefetch_jobs=5, test_hard_timeout=hard, lost_after=1.0)
+    jobs = [enqueue(redis_conn, requests["long"](100), job_id=f"queued-{n}") for n in range(6)]
     run_burst(settings, engine)
     jobs = [fetch(redis_conn, job.id) for job in jobs]
     assert max((job.ended_at - job.started_at).total_seconds() for job in jobs) > settings.hard_timeout
@@ -282,11 +288,15 @@ def test_while_redis_is_away_the_engine_keeps_decoding_and_only_the_records_wait
                                heartbeat_interval=0.5, redis_retry_max_wait=0.5)
     procs.append(worker := start_worker(settings, tmp_path / "worker.log"))
     wait_for(lambda: SimpleWorker.count(connection=connection) == 1, timeout=60, what="the worker to register")
+    pace = enqueue(connection, requests["long"](150))  # alone, with Redis up: this machine's decoding pace
+    wait_for(lambda: fetch(connection, pace.id).get_status() == "finished", timeout=60, what="the pace job")
+    decoding = fetch(connection, pace.id).return_value()["timings"]["generate"] * LONG_RUN / 150
     long = enqueue(connection, requests["long"]())
-    beside = [enqueue(connection, requests["long"](150), job_id=f"beside-{n}") for n in range(3)]  # ~1 s each
+    beside = [enqueue(connection, requests["long"](150), job_id=f"beside-{n}") for n in range(3)]
     wait_for(lambda: (fetch(connection, long.id).get_meta().get(record.META_PROGRESS) or {}).get("stage")
              == "generate", timeout=60, what="the long job to generate")
-    down_for = 12.0  # the job decodes for ~6 s here; a loop that waited at a finish would take ~12 s more
+    # the long job decodes for ~decoding s; a loop that waited at a finish would stand still for the outage
+    down_for = max(12.0, 3 * decoding)
     restart(own_redis, down_for=down_for)
     wait_for(lambda: all(fetch(connection, j.id).get_status() == "finished" for j in [long, *beside]), timeout=60,
              what="every job to finish")
@@ -295,4 +305,5 @@ def test_while_redis_is_away_the_engine_keeps_decoding_and_only_the_records_wait
     for job in [long, *beside]:
         assert len(fetch(connection, job.id).results()) == 1
     assert worker.poll() is None
-    report(f"redis away {down_for:g} s: a job decoding through it generated {LONG_RUN} tokens in {generating:.1f} s")
+    report(f"redis away {down_for:.1f} s: a job decoding through it generated {LONG_RUN} tokens in {generating:.1f} s "
+           f"({decoding:.1f} s at the pace of one job alone)")
