@@ -81,6 +81,20 @@ def test_rows_joining_where_others_left_decode_as_they_do_alone(engine, prompts,
     assert engine.generate(twice, budgets, stop_ids=(), joins=joins) == expected
 
 
+def test_a_finished_row_does_not_keep_the_cache_wider_than_its_budget(engine):
+    """A long prompt that finishes first would otherwise hold its columns while two short ones run on."""
+    long = " ".join(["word"] * 300)
+    clips = [ClipRequest(None, long, 4, tag="long"), ClipRequest(None, "Say hello.", 200, tag="a"),
+             ClipRequest(None, "Say hi.", 200, tag="b")]
+    prompts = [engine.prompt(c) for c in clips]
+    budget = 3 * max(len(p.ids) + c.max_new_tokens for p, c in zip(prompts, clips))
+    outputs = {}
+    stats = engine.stream(feeder(clips), lambda clip, outcome: outputs.__setitem__(clip.tag, outcome),
+                          stop_ids=(), max_batch_tokens=budget)
+    assert [len(outputs[t].tokens) for t in ("long", "a", "b")] == [4, 200, 200] and stats["peak_rows"] == 3
+    assert stats["peak_cache_tokens"] <= budget
+
+
 @pytest.mark.parametrize("heads, kv_heads", [(8, 1), (4, 2)])
 def test_decode_attention_with_heads_as_positions_is_the_grouped_attention(heads, kv_heads):
     rng = np.random.default_rng(3)

@@ -514,10 +514,14 @@ class Batch:
             self.worker.stop_beating(held.job.id)
 
     def release_unstarted(self) -> None:
-        """Warm shutdown: jobs claimed ahead but not started go back to the front of their queues, unrun."""
-        for held in sorted(self.held, key=lambda h: h.rank, reverse=True):
-            if held.started or held.ended or held.step is not None:
-                continue  # started jobs finish; a job still preparing is released once its thread is done
+        """Warm shutdown: jobs claimed ahead but not started go back to the front of their queues, unrun.
+
+        All at once, the last claimed first, once none is still being claimed or prepared (started
+        jobs finish): released as each one's thread ended, they would go back out of order."""
+        unstarted = [h for h in self.held if not (h.started or h.ended)]
+        if self.claiming is not None or self.claimed or any(h.step is not None for h in unstarted):
+            return
+        for held in sorted(unstarted, key=lambda h: h.rank, reverse=True):
             held.ended = True
             self.backoff.retry(lambda: self.worker.release(held.job, held.queue, held.execution, held.prior_meta),
                                f"putting job {held.job.id} back")

@@ -7,8 +7,9 @@ batch with them; rows that stop, spend their budget or whose check point raises 
 batch at once, so long outputs never hold short ones hostage.
 
 A row that leaves is finished at once but leaves a hole: its cache columns stay, computed
-for nothing, until rows join (extending the cache copies it anyway) or holes are half the
-batch. Dropping a row copies every layer's cache (25 ms for 256 rows on the H200, about a
+for nothing, until rows join (extending the cache copies it anyway, so the holes go just
+before the new rows' prefill), holes are half the batch, or a hole is what keeps the
+cache's oldest columns (the cache would outgrow the memory budget that admitted its rows). Dropping a row copies every layer's cache (25 ms for 256 rows on the H200, about a
 whole step), and rows leave at nearly every step; a hole costs little, because a step's
 time hardly grows with its rows (docs/design.md, "Batching").
 
@@ -113,8 +114,9 @@ class Scheduler:
         self.batch: KVBatch | None = None
         self.token: mx.array | None = None  # the next input of every running row, not yet read
         # totals for benchmarks, logs and callers: seconds in prefill and decode, rows, prefill calls, steps, tokens read
+        # peak_cache_tokens: the most rows x columns the KV cache held (holes included)
         self.stats: dict[str, float] = dict(prefill=0.0, decode=0.0, rows=0, prefills=0, tokens=0, steps=0,
-                                            peak_rows=0, out_of_memory=0)
+                                            peak_rows=0, peak_cache_tokens=0, out_of_memory=0)
 
     @property
     def running(self) -> list[Row]:
@@ -161,6 +163,8 @@ class Scheduler:
             if count > 1 and count * widest > self.max_batch_tokens:
                 break
             chosen.append(self.waiting.popleft())
+        if chosen:
+            self._compact()  # the holes' room was counted as free: make it so before prefilling
         for group in self._groups(chosen):
             self._prefill(group, finish)
 
@@ -222,7 +226,6 @@ class Scheduler:
         if self.batch is None:
             self.rows, self.batch, self.token = live, batch, first
             return
-        self._compact()
         self.batch.extend(batch)
         self.rows = self.rows + live
         self.token = mx.concatenate([self.token, first])
@@ -269,6 +272,7 @@ class Scheduler:
         self.stats["steps"] += 1
         self.stats["tokens"] += len(running)
         self.stats["peak_rows"] = max(self.stats["peak_rows"], len(running))
+        self.stats["peak_cache_tokens"] = max(self.stats["peak_cache_tokens"], self.batch.rows * self.batch.columns)
         left = []
         for i, (row, value) in enumerate(zip(self.rows, values)):
             if row is None:
@@ -286,13 +290,17 @@ class Scheduler:
         self.stats["decode"] += time.perf_counter() - started
 
     def _leave(self, indices: list[int]) -> None:
-        """Rows ``indices`` are done: each leaves a hole; the batch goes when none runs, compacts when half are holes."""
+        """Rows ``indices`` are done: each leaves a hole. The batch goes when none runs; it compacts when
+        half its rows are holes or a hole keeps columns that no running row needs."""
         for i in indices:
             self.rows[i] = None
         holes = self.rows.count(None)
         if holes == len(self.rows):
             self._clear()
-        elif holes >= HOLES_SHARE * len(self.rows):
+            return
+        pads = self.batch.pads
+        needed = min(p for p, row in zip(pads, self.rows) if row is not None)
+        if holes >= HOLES_SHARE * len(self.rows) or min(pads) < needed:
             self._compact()
 
     def _compact(self) -> None:
