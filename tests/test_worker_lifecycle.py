@@ -124,7 +124,10 @@ def test_progress_is_written_per_stage_not_per_decode_step(redis_url, redis_conn
         assert job.get_meta()[record.META_PROGRESS]["stage"] == "generate"
         return fields.count("meta")
 
-    assert meta_writes(300) == meta_writes(2) == len(stages)  # one progress write per stage entered
+    # at most one progress write per stage entered, however many decode steps: stages entered while
+    # the records thread still writes an earlier one are written once, as the newest
+    for tokens in (300, 2):
+        assert 3 <= meta_writes(tokens) <= len(stages)
 
 
 def test_requested_max_new_tokens_reaches_the_engine(redis_url, redis_conn, engine, long_wav):
