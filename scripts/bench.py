@@ -97,7 +97,7 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
     started = time.perf_counter()
     ids = [o.job_id for o in client.enqueue_many([{"audio_uri": u, "max_new_tokens": max_new_tokens} for u in uris])]
     enqueue_seconds = time.perf_counter() - started
-    run_name = f"worker-{settings.batch_max_jobs}-{settings.prefetch_threads}"
+    run_name = f"worker-{settings.batch_max_jobs}-{settings.prefetch_threads}-{settings.batch_join_jobs}"
     log_path = log_dir / f"{run_name}.log"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     if profile:
@@ -121,7 +121,8 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
     audio = sum(r.audio_seconds for r in results)
     tokens = sum(r.tokens for r in results)
     return {
-        "batch_max_jobs": settings.batch_max_jobs, "prefetch_threads": settings.prefetch_threads, "jobs": len(ids), "audio_seconds": audio, "tokens": tokens,
+        "batch_max_jobs": settings.batch_max_jobs, "prefetch_threads": settings.prefetch_threads,
+        "batch_join_jobs": settings.batch_join_jobs, "jobs": len(ids), "audio_seconds": audio, "tokens": tokens,
         "enqueue_seconds": enqueue_seconds, "backlog_wall_seconds": wall,
         "audio_seconds_per_wall_second": audio / wall, "tokens_per_second": tokens / wall,
         "stage_seconds": {s: sum(r.timings.get(s, 0.0) for r in results) for s in STAGES},
@@ -146,7 +147,7 @@ def peer(python: str, model: str, lengths: list[float], max_new_tokens: int) -> 
 
 def print_run(run: dict) -> None:
     stages = ", ".join(f"{k} {v:.1f}" for k, v in run["stage_seconds"].items())
-    print(f"batch_max_jobs {run['batch_max_jobs']}, prefetch_threads {run['prefetch_threads']}: {run['jobs']} jobs, {run['audio_seconds']:.0f} audio s in "
+    print(f"batch_max_jobs {run['batch_max_jobs']}, prefetch_threads {run['prefetch_threads']}, join {run['batch_join_jobs']}: {run['jobs']} jobs, {run['audio_seconds']:.0f} audio s in "
           f"{run['backlog_wall_seconds']:.1f} s: {run['audio_seconds_per_wall_second']:.2f} audio s / wall s, "
           f"{run['tokens_per_second']:.1f} tok/s; queue + storage overhead {run['queue_storage_overhead']:.1%}; "
           f"warm-up {run['warm_up_seconds']:.2f} s; peak RSS {run['peak_rss_mb']:.0f} MB, "
@@ -185,7 +186,8 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch_max_jobs values to run")
     parser.add_argument("--prefetch", type=int, default=4, help="prefetch_jobs")
-    parser.add_argument("--join-jobs", type=int, default=8, help="batch_join_jobs")
+    parser.add_argument("--join-jobs", type=int, nargs="+", default=[8], help="batch_join_jobs values to run, "
+                        "each with every --batch value")
     parser.add_argument("--threads", type=int, nargs="+", default=[8], help="prefetch_threads values to run, "
                         "each with every --batch value")
     parser.add_argument("--token-budget", type=int, default=32768,
@@ -217,11 +219,11 @@ def main() -> int:
         uris = upload(endpoint, lengths)
         summary = {"model": model, "clips": args.clips, "clip_seconds": [args.min_seconds, args.max_seconds],
                    "max_new_tokens": args.max_new_tokens, "runs": []}
-        for threads, batch in [(t, b) for t in args.threads for b in args.batch]:
+        for threads, join, batch in [(t, j, b) for t in args.threads for j in args.join_jobs for b in args.batch]:
             settings = load_settings(environ={}, redis_url=redis_url, model=model, s3_endpoint_url=endpoint,
                                      s3_region="us-east-1", s3_addressing_style="path", batch_max_jobs=batch,
                                      batch_token_budget=args.token_budget, prefetch_jobs=args.prefetch,
-                                     prefetch_threads=threads, batch_join_jobs=args.join_jobs,
+                                     prefetch_threads=threads, batch_join_jobs=join,
                                      default_max_new_tokens=args.max_new_tokens)
             run = drain(settings, uris, args.max_new_tokens, args.log_dir or workdir, args.profile)
             summary["runs"].append(run)
@@ -235,7 +237,7 @@ def main() -> int:
             for run in summary["runs"]:
                 run["ratio_to_peer"] = run["audio_seconds_per_wall_second"] / p["audio_seconds_per_wall_second"]
                 run["token_ratio_to_peer"] = run["tokens_per_second"] / p["tokens_per_second"]
-                print(f"batch_max_jobs {run['batch_max_jobs']}, prefetch_threads {run['prefetch_threads']} / peer: {run['ratio_to_peer']:.2f}x audio s/s, "
+                print(f"batch_max_jobs {run['batch_max_jobs']}, prefetch_threads {run['prefetch_threads']}, join {run['batch_join_jobs']} / peer: {run['ratio_to_peer']:.2f}x audio s/s, "
                       f"{run['token_ratio_to_peer']:.2f}x tok/s")
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=2))

@@ -7,8 +7,9 @@ MLX (no checkpoint on disk; ~10 GB for ``e2b-size``), prefills ``rows`` random p
 times, for each batch:
 
 - one decode step, synchronously and pipelined as ``Scheduler`` runs it (the next step
-  built and queued while the current one computes), with padded prompts (lengths spread
-  over a third to all of ``width``: array masks) and equal ones (no mask);
+  built and queued while the current one computes; ``--depth``: that many), with padded
+  prompts (lengths spread over a third to all of ``width``: array masks) and equal ones
+  (no mask); for one row, also mlx-lm's own single-stream model call and caches;
 - the Python part alone (building the step's graph), and the pipelined step again while
   ``--busy`` threads run pure Python beside it, as a worker's records and prefetch threads do,
   at each ``--switch-interval`` (how long a thread may keep the interpreter lock when another
@@ -30,12 +31,14 @@ import statistics
 import sys
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models import gemma4_text
+from mlx_lm.models.cache import make_prompt_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -86,15 +89,36 @@ def synchronous(decoder: Decoder, token, batch, steps: int) -> tuple[float, floa
     return ms(build), ms(total)
 
 
-def pipelined(decoder: Decoder, token, batch, steps: int) -> float:
-    """Mean ms a step when the next step is queued before the current one is read (``Scheduler._step``)."""
+def pipelined(decoder: Decoder, token, batch, steps: int, depth: int = 1) -> float:
+    """Mean ms a step when ``depth`` steps are queued before the oldest is read (``Scheduler._step``
+    queues one: deeper bought nothing, docs/benchmarks.md)."""
     started = time.perf_counter()
+    unread = deque([token])
     for _ in range(steps):
-        following = mx.argmax(decoder.step(token, batch), axis=-1)
+        following = mx.argmax(decoder.step(unread[-1], batch), axis=-1)
         mx.async_eval(following)
+        unread.append(following)
+        while len(unread) > depth:
+            unread.popleft().tolist()
+    while unread:
+        unread.popleft().tolist()
+    return 1e3 * (time.perf_counter() - started) / steps
+
+
+def plain_stream(decoder: Decoder, width: int, steps: int) -> float:
+    """Mean ms a step of one row through mlx-lm's own model call and caches (its ``generate_step`` loop)."""
+    cache = make_prompt_cache(decoder.lm)
+    prompt = mx.array([[TOKENS.bos] + list(range(10, 9 + width))])
+    token = mx.argmax(decoder.lm(prompt, cache=cache)[:, -1], axis=-1)
+    mx.eval(token)
+    for timed in (False, True):
+        started = time.perf_counter()
+        for _ in range(steps if timed else 3):
+            following = mx.argmax(decoder.lm(token[:, None], cache=cache)[:, -1], axis=-1)
+            mx.async_eval(following)
+            token.tolist()
+            token = following
         token.tolist()
-        token = following
-    token.tolist()
     return 1e3 * (time.perf_counter() - started) / steps
 
 
@@ -178,7 +202,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=850, help="the longest prompt, in tokens")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--busy", type=int, default=2, help="pure-Python threads beside the busy run")
-    parser.add_argument("--switch-interval", type=float, nargs="+", default=[0.005, 0.0005],
+    parser.add_argument("--depth", type=int, nargs="+", default=[1, 2, 4],
+                        help="steps queued before the oldest one's tokens are read (Scheduler: 1)")
+    parser.add_argument("--switch-interval", type=float, nargs="+", default=[0.005],
                         help="sys.setswitchinterval values for the busy run (Python's default: 0.005)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -195,20 +221,22 @@ def main() -> None:
             token, batch = prefill(decoder, rows, args.width, padded)
             pipelined(decoder, token, batch, 3)  # first use of these shapes
             build, sync = synchronous(decoder, token, batch, args.steps)
-            piped = pipelined(decoder, token, batch, args.steps)
+            piped = {d: pipelined(decoder, token, batch, args.steps, d) for d in args.depth}
             contended = {}
             for interval in args.switch_interval:
                 sys.setswitchinterval(interval)
                 with busy(args.busy):
-                    contended[interval] = pipelined(decoder, token, batch, args.steps)
+                    contended[interval] = {d: pipelined(decoder, token, batch, args.steps, d) for d in args.depth}
             sys.setswitchinterval(default_interval)
             with stock_attention():
                 pipelined(decoder, token, batch, 3)
                 stock = pipelined(decoder, token, batch, args.steps)
-            keep, extend = leave_and_join(decoder, batch, args.width)
+            plain = plain_stream(decoder, args.width, args.steps) if rows == 1 and padded else None
+            keep, extend = leave_and_join(decoder, batch, args.width) if rows > 1 else (None, None)
             result = dict(rows=rows, width=args.width, padded=padded, python_ms=build, sync_ms=sync,
                           pipelined_ms=piped, busy_threads=args.busy, pipelined_busy_ms=contended,
-                          pipelined_stock_attention_ms=stock, keep_ms=keep, extend16_ms=extend)
+                          pipelined_stock_attention_ms=stock, mlx_lm_plain_cache_ms=plain, keep_ms=keep,
+                          extend16_ms=extend)
             print(json.dumps(result), flush=True)
             results.append(result)
         for dim in sorted({text["head_dim"], text["global_head_dim"]}):
