@@ -92,33 +92,36 @@ def synchronous(decoder: Decoder, token, batch, steps: int) -> tuple[float, floa
 def pipelined(decoder: Decoder, token, batch, steps: int, depth: int = 1) -> float:
     """Mean ms a step when ``depth`` steps are queued before the oldest is read (``Scheduler._step``
     queues one: deeper bought nothing, docs/benchmarks.md)."""
+    return queued(lambda t: mx.argmax(decoder.step(t, batch), axis=-1), token, steps, depth)
+
+
+def plain_stream(decoder: Decoder, width: int, steps: int) -> float:
+    """Mean ms a step of one row through mlx-lm's own model call and caches (its ``generate_step`` loop)."""
+    cache = make_prompt_cache(decoder.lm)
+    vocab = decoder.lm.args.vocab_size
+    prompt = mx.array([[TOKENS.bos] + [10 + i % (vocab - 10) for i in range(width - 1)]])
+    token = mx.argmax(decoder.lm(prompt, cache=cache)[:, -1], axis=-1)
+
+    def step(t):
+        return mx.argmax(decoder.lm(t[:, None], cache=cache)[:, -1], axis=-1)
+
+    queued(step, token, 3)  # first use of these shapes
+    return queued(step, token, steps)
+
+
+def queued(step, token, steps: int, depth: int = 1) -> float:
+    """Mean ms of ``steps`` calls of ``step`` (token → next token), ``depth`` of them queued before the
+    oldest one's tokens are read."""
     started = time.perf_counter()
     unread = deque([token])
     for _ in range(steps):
-        following = mx.argmax(decoder.step(unread[-1], batch), axis=-1)
+        following = step(unread[-1])
         mx.async_eval(following)
         unread.append(following)
         while len(unread) > depth:
             unread.popleft().tolist()
     while unread:
         unread.popleft().tolist()
-    return 1e3 * (time.perf_counter() - started) / steps
-
-
-def plain_stream(decoder: Decoder, width: int, steps: int) -> float:
-    """Mean ms a step of one row through mlx-lm's own model call and caches (its ``generate_step`` loop)."""
-    cache = make_prompt_cache(decoder.lm)
-    prompt = mx.array([[TOKENS.bos] + list(range(10, 9 + width))])
-    token = mx.argmax(decoder.lm(prompt, cache=cache)[:, -1], axis=-1)
-    mx.eval(token)
-    for timed in (False, True):
-        started = time.perf_counter()
-        for _ in range(steps if timed else 3):
-            following = mx.argmax(decoder.lm(token[:, None], cache=cache)[:, -1], axis=-1)
-            mx.async_eval(following)
-            token.tolist()
-            token = following
-        token.tolist()
     return 1e3 * (time.perf_counter() - started) / steps
 
 
