@@ -96,6 +96,8 @@ class Settings(BaseModel):
     batch_join_jobs: int = Field(8, ge=1, description="while the engine runs, new clips go in this many at a time "
                                  "(one tower call and prefill), or once the first has waited batch_join_wait")
     batch_join_wait: float = Field(0.25, ge=0, description="seconds a clip waits at most for others to join with")
+    engine_process: bool = Field(True, description="run the model in a child process, so its decode loop does not "
+                                 "share an interpreter with the worker's queue and storage threads")
     redis_retry_max_wait: float = Field(2.0, gt=0, description="longest wait between reconnects while Redis is away")
 
     @model_validator(mode="after")

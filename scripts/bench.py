@@ -51,6 +51,7 @@ PROFILE_VARIABLE = "AUDIOQ_BENCH_PROFILE"
 STAGES = ("fetch", "decode_audio", "front_end", "audio_tower", "prefill", "generate", "write")
 BATCH_LINE = re.compile(r"batch: (\d+) jobs in ([\d.]+) s, ([\d.]+) s of it outside the engine")
 WARM_UP_LINE = re.compile(r"warm-up .* took ([\d.]+) s")
+ENGINE_MEMORY = re.compile(r"peak_mlx_memory_mb ([\d.e+]+)")
 
 
 def clip_lengths(count: int, low: float, high: float) -> list[float]:
@@ -97,7 +98,8 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
     started = time.perf_counter()
     ids = [o.job_id for o in client.enqueue_many([{"audio_uri": u, "max_new_tokens": max_new_tokens} for u in uris])]
     enqueue_seconds = time.perf_counter() - started
-    run_name = f"worker-{settings.batch_max_jobs}-{settings.prefetch_threads}-{settings.batch_join_jobs}"
+    run_name = (f"worker-{settings.batch_max_jobs}-{settings.prefetch_threads}-{settings.batch_join_jobs}"
+                f"-{'process' if settings.engine_process else 'inline'}")
     log_path = log_dir / f"{run_name}.log"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     if profile:
@@ -107,6 +109,9 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
                        stderr=subprocess.STDOUT, check=True)
     text = log_path.read_text()
     memory = json.loads(text.rsplit("BENCH-WORKER ", 1)[1].splitlines()[0])
+    engine_peaks = [float(m) for m in ENGINE_MEMORY.findall(text)]  # the engine process's own, in its batch lines
+    if engine_peaks:
+        memory["peak_mlx_memory_mb"] = max(engine_peaks)
     batches = [(int(n), float(wall), float(out)) for n, wall, out in BATCH_LINE.findall(text)]
     jobs = client.status_many(ids)
     states = {s.state for s in jobs}
@@ -121,7 +126,7 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
     audio = sum(r.audio_seconds for r in results)
     tokens = sum(r.tokens for r in results)
     return {
-        "batch_max_jobs": settings.batch_max_jobs, "prefetch_threads": settings.prefetch_threads,
+        "engine_process": settings.engine_process, "batch_max_jobs": settings.batch_max_jobs, "prefetch_threads": settings.prefetch_threads,
         "batch_join_jobs": settings.batch_join_jobs, "jobs": len(ids), "audio_seconds": audio, "tokens": tokens,
         "enqueue_seconds": enqueue_seconds, "backlog_wall_seconds": wall,
         "audio_seconds_per_wall_second": audio / wall, "tokens_per_second": tokens / wall,
@@ -147,7 +152,7 @@ def peer(python: str, model: str, lengths: list[float], max_new_tokens: int) -> 
 
 def print_run(run: dict) -> None:
     stages = ", ".join(f"{k} {v:.1f}" for k, v in run["stage_seconds"].items())
-    print(f"batch_max_jobs {run['batch_max_jobs']}, prefetch_threads {run['prefetch_threads']}, join {run['batch_join_jobs']}: {run['jobs']} jobs, {run['audio_seconds']:.0f} audio s in "
+    print(f"engine_process {run['engine_process']}, batch_max_jobs {run['batch_max_jobs']}, prefetch_threads {run['prefetch_threads']}, join {run['batch_join_jobs']}: {run['jobs']} jobs, {run['audio_seconds']:.0f} audio s in "
           f"{run['backlog_wall_seconds']:.1f} s: {run['audio_seconds_per_wall_second']:.2f} audio s / wall s, "
           f"{run['tokens_per_second']:.1f} tok/s; queue + storage overhead {run['queue_storage_overhead']:.1%}; "
           f"warm-up {run['warm_up_seconds']:.2f} s; peak RSS {run['peak_rss_mb']:.0f} MB, "
@@ -190,6 +195,8 @@ def main() -> int:
                         "each with every --batch value")
     parser.add_argument("--threads", type=int, nargs="+", default=[8], help="prefetch_threads values to run, "
                         "each with every --batch value")
+    parser.add_argument("--engine-process", choices=["on", "off"], nargs="+", default=["on"],
+                        help="engine_process values to run (off: the model in the worker's own process)")
     parser.add_argument("--token-budget", type=int, default=32768,
                         help="batch_token_budget: KV rows the running clips may hold (a GPU takes far more)")
     parser.add_argument("--peer-python", help="python of a venv with mlx-vlm 0.7.10 (skipped without)")
@@ -219,12 +226,13 @@ def main() -> int:
         uris = upload(endpoint, lengths)
         summary = {"model": model, "clips": args.clips, "clip_seconds": [args.min_seconds, args.max_seconds],
                    "max_new_tokens": args.max_new_tokens, "runs": []}
-        for threads, join, batch in [(t, j, b) for t in args.threads for j in args.join_jobs for b in args.batch]:
+        for process, threads, join, batch in [(p, t, j, b) for p in args.engine_process for t in args.threads
+                                              for j in args.join_jobs for b in args.batch]:
             settings = load_settings(environ={}, redis_url=redis_url, model=model, s3_endpoint_url=endpoint,
                                      s3_region="us-east-1", s3_addressing_style="path", batch_max_jobs=batch,
                                      batch_token_budget=args.token_budget, prefetch_jobs=args.prefetch,
                                      prefetch_threads=threads, batch_join_jobs=join,
-                                     default_max_new_tokens=args.max_new_tokens)
+                                     default_max_new_tokens=args.max_new_tokens, engine_process=process == "on")
             run = drain(settings, uris, args.max_new_tokens, args.log_dir or workdir, args.profile)
             summary["runs"].append(run)
             print_run(run)
@@ -237,7 +245,7 @@ def main() -> int:
             for run in summary["runs"]:
                 run["ratio_to_peer"] = run["audio_seconds_per_wall_second"] / p["audio_seconds_per_wall_second"]
                 run["token_ratio_to_peer"] = run["tokens_per_second"] / p["tokens_per_second"]
-                print(f"batch_max_jobs {run['batch_max_jobs']}, prefetch_threads {run['prefetch_threads']}, join {run['batch_join_jobs']} / peer: {run['ratio_to_peer']:.2f}x audio s/s, "
+                print(f"engine_process {run['engine_process']}, batch_max_jobs {run['batch_max_jobs']}, prefetch_threads {run['prefetch_threads']}, join {run['batch_join_jobs']} / peer: {run['ratio_to_peer']:.2f}x audio s/s, "
                       f"{run['token_ratio_to_peer']:.2f}x tok/s")
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=2))

@@ -61,6 +61,7 @@ from producer.settings import Settings
 from worker import orphans, reaper, registration, retry_schedule, task
 from worker.batch import Batch
 from worker.failures import failure_for
+from worker.engine_process import EngineProcess
 from worker.gemma4.engine import Engine
 from worker.job import AudioJob
 from worker.lifecycle import JobFailed, record_failure
@@ -522,19 +523,28 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, burst: bo
         return 3
     started = time.perf_counter()
     try:
-        engine = Engine.load(settings.model, **engine_options(settings))
+        options = engine_options(settings)
+        engine = (EngineProcess(settings.model, options) if settings.engine_process
+                  else Engine.load(settings.model, **options))
     except AudioqError as exc:
         log.error("cannot load model %s: %s", settings.model, exc.message)
         return 3
-    log.info("engine %s loaded in %.1f s", engine.model_id, time.perf_counter() - started)
-    log.info("warm-up (dummy clips through every stage and batch shape) took %.2f s", engine.warm_up())
-    connection = connect(settings)
-    # A name that says which Mac ran (or lost) a job; RQ's default is a random hex id.
-    worker = AudioWorker(queues or settings.queues, settings=settings, engine=engine, connection=connection,
-                         name=name or f"{socket.gethostname()}-{os.getpid()}")
     try:
+        log.info("engine %s loaded in %.1f s%s", engine.model_id, time.perf_counter() - started,
+                 f" (process {engine.process.pid})" if settings.engine_process else "")
+        log.info("warm-up (dummy clips through every stage and batch shape) took %.2f s", engine.warm_up())
+        connection = connect(settings)
+        # A name that says which Mac ran (or lost) a job; RQ's default is a random hex id.
+        worker = AudioWorker(queues or settings.queues, settings=settings, engine=engine, connection=connection,
+                             name=name or f"{socket.gethostname()}-{os.getpid()}")
         worker.work(burst=burst, max_jobs=max_jobs)
     except registration.NameTaken as exc:
         log.error("%s", exc)
         return 3
+    finally:
+        if settings.engine_process:
+            engine.close()
+    if settings.engine_process and engine.lost is not None:  # RQ's loop logged it and stopped; its jobs are resolved
+        log.error("%s: the worker exits so that its supervisor starts it again", engine.lost)
+        return 4
     return 0
