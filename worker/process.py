@@ -225,6 +225,25 @@ class AudioWorker(SimpleWorker):
         with suppress(redis.RedisError):  # else the beat expires by itself after lost_after
             registration.forget(self.connection, self.name)
 
+    def unsubscribe(self) -> None:
+        """RQ's, with a bounded wait for redis-py's pubsub thread.
+
+        From redis-py 8.2, ``PubSubWorkerThread.stop`` waits for the thread to end, and a thread
+        that read its unsubscribe reply before the stop first waits for a new subscription for
+        RQ's ``sleep_time`` (60 s): a worker's exit took up to a minute. The thread is a daemon
+        that closes its own connection once it wakes.
+        """
+        if not self.pubsub_thread:
+            return
+        self.log.info("Worker %s: unsubscribing from channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub.unsubscribe()
+        try:
+            self.pubsub_thread.stop(timeout=1)
+        except TypeError:  # redis-py before 8.2: stop() only asks the thread to end
+            self.pubsub_thread.stop()
+            self.pubsub_thread.join(timeout=1)
+        self.pubsub.close()
+
     def clean_registries(self) -> None:
         """audioq's reaper first, so RQ's cleanup never fails an abandoned job with its own message."""
         for name in self.queue_names():
