@@ -106,6 +106,35 @@ def test_a_stage_hook_that_raises_in_the_worker_ends_its_clip_alone(remote, loca
                                                                         if i != 3]
 
 
+def test_clips_ended_in_the_worker_give_their_room_back_at_once(remote, local):
+    """In-process, a row whose hook raises frees its room at once. A worker whose engine is full
+    and whose clips all ended on its side must be offered room for its next clip: with none, its
+    feed would wait for ever for a job that cannot fit (the batch's feed blocks while nothing runs)."""
+    def ended(stage: str) -> None:
+        if stage == "generate":
+            raise AudioqError(FailureCode.CANCELED, "canceled by the producer")
+
+    doomed = [ClipRequest(make_tone(2.0, seed=10)[:, 0], "Transcribe this audio.", 2000, on_stage=ended)
+              for _ in range(MAX_ROWS)]
+    last = clips()[1]
+    pending, outstanding, outcomes = doomed + [last], set(), {}
+
+    def feed(free: int) -> list[ClipRequest]:
+        assert free > 0 or outstanding or not pending, "no room offered while none of the worker's clips runs"
+        taken = pending[:free]
+        del pending[:len(taken)]
+        outstanding.update(id(c) for c in taken)
+        return taken
+
+    def on_done(clip: ClipRequest, outcome) -> None:
+        outstanding.discard(id(clip))
+        outcomes[id(clip)] = outcome
+
+    remote.stream(feed, on_done)
+    assert all(outcomes[id(c)].code == FailureCode.CANCELED for c in doomed)
+    assert summary(outcomes[id(last)]) == summary(run(local, [clips()[1]])[0])
+
+
 def test_a_stream_cut_by_an_exception_leaves_nothing_behind_for_the_next(remote, local):
     with pytest.raises(KeyboardInterrupt):
         run(remote, clips()[:4], feed_error=KeyboardInterrupt())

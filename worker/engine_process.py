@@ -100,7 +100,8 @@ class EngineProcess:
         self.link, theirs = Link.pair()
         root = str(Path(__file__).resolve().parents[1])  # this checkout's packages, installed or not
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-        self.process = subprocess.Popen([sys.executable, "-m", "worker.engine_process", str(theirs.fileno()),
+        self.streams = 0  # streams started: every message of one names it, so none leaks into the next
+        self.process = subprocess.Popen([sys.executable, "-P", "-m", "worker.engine_process", str(theirs.fileno()),
                                          str(path.resolve()), json.dumps(options)], pass_fds=[theirs.fileno()], env=env)
         theirs.close()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -129,7 +130,8 @@ class EngineProcess:
         while (message := self.outbox.get()) is not None:
             try:
                 self.link.send(*message)
-            except OSError:  # the child is gone: the reader says so
+            except Exception:  # the child is gone, or the message broke: the reader sees the link end
+                self.link.close()
                 return
 
     def _send(self, header: dict, arrays: list = ()) -> None:
@@ -164,21 +166,18 @@ class EngineProcess:
 
     def stream(self, feed: Feed, on_done: DoneHook) -> dict[str, float]:
         """``Engine.stream`` run by the child (see the module's docstring); returns the child's totals."""
-        self._send({"op": "stream"})
+        self.streams += 1
+        self._send({"op": "stream", "stream": self.streams})
         run = _Stream(self, feed, on_done)
         try:
             return run.drive()
         except EngineLost:
             raise
         except BaseException:
-            self._abort()
+            if not run.over:
+                self._send({"op": "abort"})  # the child drops every row and ends the stream
+                run.until_ended()
             raise
-
-    def _abort(self) -> None:
-        """The child drops every row and ends its stream; its outcomes are nobody's now."""
-        self._send({"op": "abort"})
-        while (header := self._next()) is not None and header["op"] != "ended":
-            pass
 
     def close(self) -> None:
         self.outbox.put(None)
@@ -197,28 +196,48 @@ class _Stream:
         self.engine = engine
         self.feed = feed
         self.on_done = on_done
+        self.id = engine.streams
         self.in_flight: dict[int, Flight] = {}
         self.sent = 0  # clips sent this stream
         self.received = 0  # of those, the ones the child had read at its last report
         self.free = 0  # the room it reported then
+        self.dropped = 0  # clips ended here while the child held them
+        self.released = 0  # of those, the ones the child no longer held at its last report
+        self.over = False  # the child ended the stream
+
+    def room(self) -> int:
+        """Rows the child can take: its last report's, less the clips sent since, plus the rows of clips
+        ended here since (in-process, a row whose hook raises frees its room at once: a feed that saw
+        none could wait for ever for a prepared job that will not fit)."""
+        return max(self.free - (self.sent - self.received) + (self.dropped - self.released), 0)
 
     def drive(self) -> dict[str, float]:
-        self.absorb(self.engine._next())  # the child's first report: its room
+        self.absorb(self.next())  # the child's first report: its room
         while True:
-            clips = list(self.feed(max(self.free - (self.sent - self.received), 0)))
+            clips = list(self.feed(self.room()))
             for clip in clips:
                 self.send(clip)
             if not clips and not self.in_flight:
                 break
-            header = self.engine._next(TICK)
+            header = self.next(TICK)
             while header is not None:
                 self.absorb(header)
-                header = self.engine._next(0)
+                header = self.next(0)
             for key in list(self.in_flight):
                 self.check(key)
         self.engine._send({"op": "end"})
-        while (header := self.engine._next())["op"] != "ended":
+        return self.until_ended()
+
+    def next(self, timeout: float | None = None) -> dict | None:
+        """The child's next message of this stream (those of an earlier one are left over: skipped)."""
+        while (header := self.engine._next(timeout)) is not None and header.get("stream") != self.id:
+            pass
+        return header
+
+    def until_ended(self) -> dict[str, float]:
+        while (header := self.next())["op"] != "ended":
             self.absorb(header)
+        self.over = True
         return header["stats"]
 
     def send(self, clip: ClipRequest) -> None:
@@ -232,7 +251,7 @@ class _Stream:
                            "max_new_tokens": clip.max_new_tokens}, arrays)
 
     def absorb(self, header: dict) -> None:
-        self.received, self.free = header["received"], header["free"]
+        self.received, self.free, self.released = header["received"], header["free"], header["released"]
         for key, stage in header["stages"]:
             if key in self.in_flight:
                 self.in_flight[key].stage = stage
@@ -251,6 +270,7 @@ class _Stream:
             flight.clip.on_stage(flight.stage)
         except Exception as exc:
             del self.in_flight[key]
+            self.dropped += 1
             self.engine._send({"op": "drop", "keys": [key]})
             self.on_done(flight.clip, exc)
 
@@ -263,10 +283,11 @@ class Dropped(Exception):
 class _Served:
     """One stream in the child: clips from the socket into ``Engine.stream``, reports back before every step."""
 
-    def __init__(self, engine: Engine, link: Link, inbox: queue.SimpleQueue):
+    def __init__(self, engine: Engine, link: Link, inbox: queue.SimpleQueue, stream: int):
         self.engine = engine
         self.link = link
         self.inbox = inbox
+        self.stream = stream
         self.backlog: deque[ClipRequest] = deque()  # read, not yet fed to the engine
         self.running: set[int] = set()  # fed, outcome not yet reported
         self.dropped: set[int] = set()
@@ -275,12 +296,13 @@ class _Served:
         self.stages: dict[int, str] = {}  # reported so far
         self.changed: dict[int, str] = {}  # not yet reported
         self.done: list[list] = []
-        self.last_free: int | None = None
+        self.released = 0  # dropped clips that hold nothing here any more
+        self.last: tuple[int, int] | None = None  # (free, released) as last reported
 
     def run(self) -> None:
         stats = self.engine.stream(self.feed, self.on_done)
         stats["peak_mlx_memory_mb"] = mx.get_peak_memory() / 2**20  # the worker's own is not the model's
-        self.link.send({"op": "ended", "stats": stats})
+        self.link.send({"op": "ended", "stream": self.stream, "stats": stats})
 
     def feed(self, free: int) -> list[ClipRequest]:
         self.read(block=False)
@@ -313,8 +335,10 @@ class _Served:
             self.backlog.append(ClipRequest(arrays[0] if arrays else None, header["instruction"],
                                             header["max_new_tokens"], on_stage=self.hook(key), tag=key,
                                             frames=frames))
-        elif op == "drop":
-            self.dropped.update(k for k in header["keys"] if k in self.running)
+        elif op == "drop":  # a running clip is released once its row has left, any other at once
+            running = {k for k in header["keys"] if k in self.running}
+            self.dropped |= running
+            self.released += len(header["keys"]) - len(running)
             self.backlog = deque(c for c in self.backlog if c.tag not in header["keys"])
         elif op in ("end", "abort"):
             self.ended = True
@@ -338,26 +362,20 @@ class _Served:
         self.changed.pop(key, None)
         if key in self.dropped:
             self.dropped.discard(key)
+            self.released += 1
             return
         self.done.append([key, encode_outcome(outcome)])
 
     def report(self, free: int, force: bool = False) -> None:
-        if not (force or self.done or self.changed or free != self.last_free):
+        if not (force or self.done or self.changed or (free, self.released) != self.last):
             return
-        self.link.send({"op": "report", "received": self.received, "free": free,
-                        "stages": list(self.changed.items()), "done": self.done})
-        self.changed, self.done, self.last_free = {}, [], free
+        self.link.send({"op": "report", "stream": self.stream, "received": self.received, "free": free,
+                        "released": self.released, "stages": list(self.changed.items()), "done": self.done})
+        self.changed, self.done, self.last = {}, [], (free, self.released)
 
 
 def serve(link: Link, path: str, options: dict[str, Any]) -> None:
     """The child's life: load, say ready (or why not), then warm-ups and streams as the worker asks."""
-    try:
-        engine = Engine.load(path, **options)
-    except Exception as exc:
-        error = classify(exc)
-        link.send({"op": "failed", "code": error.code.value, "message": error.message})
-        return
-    link.send({"op": "ready"})
     inbox: queue.SimpleQueue = queue.SimpleQueue()
 
     def read() -> None:
@@ -371,13 +389,21 @@ def serve(link: Link, path: str, options: dict[str, Any]) -> None:
         finally:
             os._exit(0)  # the worker is gone, or the stream broke: nothing here is anyone's any more
 
-    threading.Thread(target=read, name="audioq-engine-reader", daemon=True).start()
+    threading.Thread(target=read, name="audioq-engine-reader", daemon=True).start()  # from the start: the
+    try:                                                                               # worker may go mid-load
+        engine = Engine.load(path, **options)
+    except Exception as exc:
+        error = classify(exc)
+        link.send({"op": "failed", "code": error.code.value, "message": error.message})
+        return
+    link.send({"op": "ready"})
     while True:
         header, _ = inbox.get()
         if header["op"] == "warm_up":
             link.send({"op": "warmed", "seconds": engine.warm_up()})
         elif header["op"] == "stream":
-            _Served(engine, link, inbox).run()
+            _Served(engine, link, inbox, header["stream"]).run()
+        # anything else belongs to a stream that has ended (an abort that crossed its end): nothing to do
 
 
 def main() -> None:

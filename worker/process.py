@@ -61,7 +61,7 @@ from producer.settings import Settings
 from worker import orphans, reaper, registration, retry_schedule, task
 from worker.batch import Batch
 from worker.failures import failure_for
-from worker.engine_process import EngineProcess
+from worker.engine_process import EngineLost, EngineProcess
 from worker.gemma4.engine import Engine
 from worker.job import AudioJob
 from worker.lifecycle import JobFailed, record_failure
@@ -534,7 +534,8 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, burst: bo
 
     Returns the process exit status: 0 after a burst, ``max_jobs`` or a warm shutdown; 3 (the
     CLI's "could not run") when no model is configured or it cannot be loaded, or when a live
-    worker holds ``name``.
+    worker holds ``name``; 4 when the engine process died (its jobs are resolved: a supervisor
+    should start the worker again).
     """
     setup_loghandlers("INFO", name="audioq")
     if not settings.model:
@@ -560,10 +561,12 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, burst: bo
     except registration.NameTaken as exc:
         log.error("%s", exc)
         return 3
+    except EngineLost:  # during the warm-up; during work RQ's loop logs it and stops, the batch resolved its jobs
+        pass
     finally:
         if settings.engine_process:
             engine.close()
-    if settings.engine_process and engine.lost is not None:  # RQ's loop logged it and stopped; its jobs are resolved
+    if settings.engine_process and engine.lost is not None:
         log.error("%s: the worker exits so that its supervisor starts it again", engine.lost)
         return 4
     return 0
