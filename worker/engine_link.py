@@ -20,7 +20,7 @@ import struct
 import numpy as np
 
 LENGTH = struct.Struct("!I")
-MAX_HEADER = 64 << 20  # bytes: far above any header (a report of 256 outputs is ~100 KB), far below a hang
+MAX_HEADER = 64 << 20  # bytes: far above any header (one batch's outputs), far below a hang
 BUFFER = 4 << 20  # socket buffer asked for (the system may give less): a 30 s clip in few round trips
 
 
