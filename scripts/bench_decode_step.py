@@ -14,7 +14,8 @@ times, for each batch:
   ``--busy`` threads run pure Python beside it, as a worker's records and prefetch threads do,
   at each ``--switch-interval`` (how long a thread may keep the interpreter lock when another
   wants it);
-- a row leaving (``KVBatch.keep``) and 16 rows joining (``KVBatch.extend``);
+- a row leaving (``KVBatch.keep``) and 16 rows joining (``KVBatch.extend``), and 16 rows written
+  into the rows of finished ones with plain slices instead (a variant, not the engine's);
 - the attention call of one layer at the step's shapes, as mlx-lm makes it (grouped query
   heads) and with the query heads laid out as positions of the one KV head;
 - the pipelined step again with mlx-lm's own attention entry point instead of
@@ -158,6 +159,21 @@ def leave_and_join(decoder: Decoder, batch, width: int) -> tuple[float, float]:
     return 1e3 * keep, 1e3 * (time.perf_counter() - started)
 
 
+def join_into_holes(decoder: Decoder, batch, width: int) -> float:
+    """ms of 16 new rows written into the rows of 16 finished ones, one plain slice per row and layer
+    (a variant the engine does not use: what a join costs without copying the cache)."""
+    _, joining = prefill(decoder, 16, width, padded=True, seed=2)
+    started = time.perf_counter()
+    for mine, theirs in zip(batch.caches, joining.caches):
+        for row, pad in enumerate(joining.pads):
+            length = joining.columns - pad
+            for name in ("keys", "values"):
+                target, source = getattr(mine, name), getattr(theirs, name)
+                target[row:row + 1, :, mine._idx - length:mine._idx] = source[row:row + 1, :, pad:joining.columns]
+    mx.eval([c.state[:2] for c in batch.caches])
+    return 1e3 * (time.perf_counter() - started)
+
+
 def attention_call(rows: int, heads: int, width: int, dim: int, dtype: mx.Dtype, repeat: int = 20) -> dict[str, float]:
     """ms of one decode-step attention call: grouped heads (as mlx-lm calls it), and heads as positions."""
     q = mx.random.normal((rows, heads, 1, dim)).astype(dtype)
@@ -236,10 +252,11 @@ def main() -> None:
                 stock = pipelined(decoder, token, batch, args.steps)
             plain = plain_stream(decoder, args.width, args.steps) if rows == 1 and padded else None
             keep, extend = leave_and_join(decoder, batch, args.width) if rows > 1 else (None, None)
+            holes = join_into_holes(decoder, batch, args.width) if rows > 16 else None
             result = dict(rows=rows, width=args.width, padded=padded, python_ms=build, sync_ms=sync,
                           pipelined_ms=piped, busy_threads=args.busy, pipelined_busy_ms=contended,
                           pipelined_stock_attention_ms=stock, mlx_lm_plain_cache_ms=plain, keep_ms=keep,
-                          extend16_ms=extend)
+                          extend16_ms=extend, holes16_ms=holes)
             print(json.dumps(result), flush=True)
             results.append(result)
         for dim in sorted({text["head_dim"], text["global_head_dim"]}):

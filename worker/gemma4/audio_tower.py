@@ -18,6 +18,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from worker.gemma4.activations import sigmoid, silu
+
 SSCP_KERNEL = 3
 SSCP_STRIDE = 2
 
@@ -194,7 +196,7 @@ class FeedForward(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.pre_layer_norm(_clamp(x, self.gradient_clipping))
-        y = self.ffw_layer_2(nn.silu(self.ffw_layer_1(y)))
+        y = self.ffw_layer_2(silu(self.ffw_layer_1(y)))
         y = self.post_layer_norm(_clamp(y, self.gradient_clipping))
         return x + y * self.residual_weight
 
@@ -315,8 +317,8 @@ class LightConv(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear_start(self.pre_layer_norm(x))
         value, gate = mx.split(y, 2, axis=-1)
-        y = self.depthwise_conv1d(value * mx.sigmoid(gate))
-        y = nn.silu(self.conv_norm(_clamp(y, self.gradient_clipping)))
+        y = self.depthwise_conv1d(value * sigmoid(gate))
+        y = silu(self.conv_norm(_clamp(y, self.gradient_clipping)))
         return x + self.linear_end(y)
 
 
