@@ -20,6 +20,7 @@ from worker.gemma4.engine import ClipRequest, Engine, Prompt
 
 SECONDS = [0.3, 1.3, 4.0, 11.0, 30.0]
 NEW_TOKENS = 16
+PAD_ALL = 8.0  # padding_slack that puts every clip and prompt here in one padded batch, as a GPU may
 
 
 def feeder(clips: list[ClipRequest]):
@@ -30,7 +31,8 @@ def feeder(clips: list[ClipRequest]):
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
-    return Engine.load(str(tiny_checkpoint("e2b")))
+    """Pads tower and prefill batches freely: what is checked here is that padding changes no token."""
+    return Engine.load(str(tiny_checkpoint("e2b")), padding_slack=PAD_ALL)
 
 
 @pytest.fixture(scope="module")
@@ -174,11 +176,28 @@ def test_a_clip_larger_than_the_token_budget_runs_alone(engine, waves):
 
 def test_tower_batches_padded_to_shape_buckets_give_the_same_tokens(engine, waves, alone):
     """What the engine does on CUDA (``tower_buckets``), here on the CPU: only padding changes."""
-    bucketed = Engine(engine.model, tower_buckets=True)
+    bucketed = Engine(engine.model, tower_buckets=True, padding_slack=PAD_ALL)
     clips = [ClipRequest(w, "Transcribe this audio.", NEW_TOKENS) for w in waves]
     outputs = []
     bucketed.stream(feeder(clips), lambda clip, out: outputs.append((clips.index(clip), out)), stop_ids=())
     assert [out.tokens for _, out in sorted(outputs, key=lambda pair: pair[0])] == alone[:len(waves)]
+
+
+def test_on_the_cpu_clips_of_different_lengths_are_not_padded_together(engine, waves, alone):
+    """Padding costs its full compute on the CPU and buys nothing there: by default each length runs
+    apart (one prefill each), while a GPU's slack pads them into one call."""
+    clips = [ClipRequest(w, "Transcribe this audio.", NEW_TOKENS, tag=i) for i, w in enumerate(waves)]
+    for slack, prefills in ((None, len(waves)), (PAD_ALL, 1)):
+        outputs = {}
+        stats = Engine(engine.model, padding_slack=slack).stream(
+            feeder(clips), lambda clip, out: outputs.__setitem__(clip.tag, out.tokens), stop_ids=())
+        assert stats["prefills"] == prefills
+        assert [outputs[i] for i in range(len(waves))] == alone[:len(waves)]
+
+
+def test_a_padding_slack_below_one_is_refused(engine):
+    with pytest.raises(ValueError, match="padding_slack"):
+        Engine(engine.model, padding_slack=0.9)
 
 
 def test_a_front_end_begun_early_gives_the_same_tokens(engine, waves, alone):

@@ -41,7 +41,7 @@ from worker.gemma4.features import (MAX_SAMPLES, SAMPLE_RATE, audio_token_count,
 from worker.gemma4.loader import LoadedModel, load_model
 from worker.gemma4.projector import valid_rows
 from worker.gemma4.prompt import PromptBuilder
-from worker.gemma4.scheduler import Row, Scheduler, check_limits, pack
+from worker.gemma4.scheduler import PADDING_SLACK, Row, Scheduler, check_limits, pack
 from worker.gemma4.shapes import tower_length
 
 StageHook = Callable[[str], None]
@@ -108,6 +108,10 @@ class Engine:
     - ``encode_rows``: clips through the front-end and tower in one padded batch;
     - ``tower_buckets``: pad tower batches to ``shapes.tower_length`` (default: on MLX's CUDA
       backend, whose convolution plans are per shape; elsewhere padding only costs compute);
+    - ``padding_slack``: a tower or prefill batch computes at most this many times what its
+      clips need (default: 1.0 on the CPU, where every padded frame costs its full compute and
+      batching buys nothing else; ``scheduler.PADDING_SLACK`` on a GPU, where a call's fixed
+      cost outweighs some padding);
     - ``join_rows`` / ``join_wait``: while rows run, new clips go in (tower, prefill) in groups
       of this many, or once the first has waited this long (``arrivals.py``; 1: each at once).
     """
@@ -116,7 +120,7 @@ class Engine:
 
     def __init__(self, model: LoadedModel, *, max_rows: int = 32, max_batch_tokens: int = 32_768,
                  prefill_tokens: int = 8_192, encode_rows: int = 8, tower_buckets: bool | None = None,
-                 join_rows: int = 1, join_wait: float = 0.0):
+                 padding_slack: float | None = None, join_rows: int = 1, join_wait: float = 0.0):
         if model.audio_tower is None:
             raise AudioqError(FailureCode.MODEL_ERROR,
                               f"model {model.name} has no audio tower (its config.json has no "
@@ -132,6 +136,11 @@ class Engine:
         Arrivals(**self.join)  # refuses a bad policy now rather than in the first stream
         self.encode_rows = encode_rows
         self.tower_buckets = mx.cuda.is_available() if tower_buckets is None else tower_buckets
+        if padding_slack is None:
+            padding_slack = 1.0 if mx.default_device() == mx.cpu else PADDING_SLACK
+        if not padding_slack >= 1.0:
+            raise ValueError(f"padding_slack must be at least 1.0, not {padding_slack}")
+        self.padding_slack = padding_slack
         # the front-end of a tower batch, clip by clip: NumPy releases the lock, so it spreads over cores
         self.front_end = ThreadPoolExecutor(max_workers=min(encode_rows, os.cpu_count() or 1),
                                             thread_name_prefix="audioq-front-end")
@@ -208,7 +217,8 @@ class Engine:
             except Exception as exc:
                 on_done(clip, exc)
         sizes = [self._tower_length(clip.samples.size) for clip, _ in audio]
-        for group in pack(sizes, max_padded=self.encode_rows * MAX_SAMPLES, max_count=self.encode_rows):
+        for group in pack(sizes, max_padded=self.encode_rows * MAX_SAMPLES, max_count=self.encode_rows,
+                          slack=self.padding_slack):
             rows += self._encoded([audio[i] for i in group], stop, on_done, stats)
         return rows
 
@@ -324,7 +334,7 @@ class Engine:
         return scheduler.stats
 
     def _scheduler(self, limits: dict[str, int]) -> Scheduler:
-        scheduler = Scheduler(self.decoder, **{**self.limits, **limits})
+        scheduler = Scheduler(self.decoder, **{**self.limits, **limits}, padding_slack=self.padding_slack)
         scheduler.stats.update(front_end=0.0, audio_tower=0.0)
         return scheduler
 

@@ -35,7 +35,7 @@ from producer.failures import AudioqError, FailureCode
 from worker.gemma4.decoder import Decoder
 from worker.gemma4.kv_batch import KVBatch
 
-PADDING_SLACK = 1.25  # a batched call may compute at most this much more than its rows need
+PADDING_SLACK = 1.25  # a batched call may compute at most this much more than its rows need (on a GPU)
 HOLES_SHARE = 0.5  # compact the batch when this share of its rows are holes
 OOM_MARKERS = ("out of memory", "malloc]", "bad_alloc", "resource limit", "unable to allocate")
 
@@ -104,9 +104,11 @@ def pack(sizes: list[int], *, max_padded: int, max_count: int | None = None,
 
 
 class Scheduler:
-    def __init__(self, decoder: Decoder, *, max_rows: int, max_batch_tokens: int, prefill_tokens: int):
+    def __init__(self, decoder: Decoder, *, max_rows: int, max_batch_tokens: int, prefill_tokens: int,
+                 padding_slack: float = PADDING_SLACK):
         check_limits(max_rows=max_rows, max_batch_tokens=max_batch_tokens, prefill_tokens=prefill_tokens)
         self.decoder = decoder
+        self.padding_slack = padding_slack
         self.max_rows = max_rows
         self.max_batch_tokens = max_batch_tokens
         self.prefill_tokens = prefill_tokens
@@ -171,7 +173,8 @@ class Scheduler:
 
     def _groups(self, rows: list[Row]) -> list[list[Row]]:
         widths = [len(r.ids) + len(r.tokens) for r in rows]
-        return [[rows[i] for i in group] for group in pack(widths, max_padded=self.prefill_tokens)]
+        groups = pack(widths, max_padded=self.prefill_tokens, slack=self.padding_slack)
+        return [[rows[i] for i in group] for group in groups]
 
     def _prefill(self, group: list[Row], finish: Finish) -> None:
         live = []
