@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from producer import record
 from producer.failures import AudioqError, FailureCode
 from worker.engine_process import EngineLost, EngineProcess
 from worker.gemma4.engine import ClipOutput, ClipRequest, Engine
+from worker.gemma4.features import clip_features
 
 MAX_ROWS = 3  # fewer rows than clips: clips wait for room and join mid-flight
 
@@ -86,6 +89,26 @@ def test_clips_through_the_engine_process_have_the_outcomes_they_have_in_process
     assert [summary(o) for o in outcomes] == [summary(o) for o in run(local, clips())]
     assert [summary(o)[1] for o in outcomes[-2:]] == [FailureCode.CORRUPT_AUDIO, FailureCode.EMPTY_AUDIO]
     assert all(o.timings["generate"] > 0 for o in outcomes[:5])
+
+
+def test_frames_still_being_computed_in_the_worker_are_waited_for_not_computed_again(remote, local):
+    """A clip is fed as soon as its job is ready, often before its log-mel frames are: it waits in
+    the worker for them (the child computing frames itself would stall its decode loop). The
+    frames given here are a louder clip's, so the outcome shows whose frames the engine used."""
+    quiet, loud = (make_tone(5.0, freq=300, seed=3)[:, 0] * gain for gain in (0.05, 1.0))
+    late = Future()
+    clip = ClipRequest(quiet, "Transcribe this audio.", 12, frames=late)
+    threading.Timer(0.3, lambda: late.set_result(clip_features(loud))).start()
+    (outcome,) = run(remote, [clip])
+    (with_loud,) = run(local, [ClipRequest(quiet, "Transcribe this audio.", 12, frames=done(clip_features(loud)))])
+    (with_quiet,) = run(local, [ClipRequest(quiet, "Transcribe this audio.", 12)])
+    assert summary(outcome) == summary(with_loud) != summary(with_quiet)
+
+
+def done(value) -> Future:
+    future = Future()
+    future.set_result(value)
+    return future
 
 
 def test_a_stage_hook_that_raises_in_the_worker_ends_its_clip_alone(remote, local):

@@ -4,8 +4,10 @@ A worker's main thread shares one interpreter lock with its records, storage, pr
 maintenance threads; in a batched drain on the H200 that lock, not the device, bounded the
 decode loop (docs/design.md, "The engine process"). Here the loop runs alone in a child
 process and the worker talks to it over a socket (``engine_link``): clips go in with their
-samples and log-mel frames (computed in the worker, ``start_front_end``), and before every
-decode step the child reports its room, the clips that changed stage and their outcomes.
+samples and log-mel frames (computed in the worker, ``start_front_end``; a clip waits here
+until its frames are done, since frames the child computed itself would stall its loop: 5.1 s
+of a 20 s drain on an H100), and before every decode step the child reports its room, the
+clips that changed stage and their outcomes.
 
 The worker keeps every decision about its jobs: a clip's stage hook (deadline, cancel,
 progress, a job that ended) runs in the worker when the child reports the stage, and
@@ -50,6 +52,7 @@ from worker.gemma4.prompt import PromptBuilder
 from worker.gemma4.scheduler import is_out_of_memory
 
 TICK = 0.05  # seconds between the worker's checks of the clips in the engine when the child reports nothing
+FRAMES_TICK = 0.005  # the same while clips wait here for their frames (a few ms each)
 FRONT_END_THREADS = 8  # the worker's log-mel threads (NumPy releases the lock)
 
 log = logging.getLogger("audioq.worker")
@@ -198,6 +201,7 @@ class _Stream:
         self.on_done = on_done
         self.id = engine.streams
         self.in_flight: dict[int, Flight] = {}
+        self.held: list[ClipRequest] = []  # fed, waiting here for their log-mel frames before they go
         self.sent = 0  # clips sent this stream
         self.received = 0  # of those, the ones the child had read at its last report
         self.free = 0  # the room it reported then
@@ -209,17 +213,17 @@ class _Stream:
         """Rows the child can take: its last report's, less the clips sent since, plus the rows of clips
         ended here since (in-process, a row whose hook raises frees its room at once: a feed that saw
         none could wait for ever for a prepared job that will not fit)."""
-        return max(self.free - (self.sent - self.received) + (self.dropped - self.released), 0)
+        return max(self.free - (self.sent - self.received) + (self.dropped - self.released) - len(self.held), 0)
 
     def drive(self) -> dict[str, float]:
         self.absorb(self.next())  # the child's first report: its room
         while True:
             clips = list(self.feed(self.room()))
-            for clip in clips:
-                self.send(clip)
-            if not clips and not self.in_flight:
+            self.held += clips
+            self.send_ready()
+            if not clips and not self.in_flight and not self.held:
                 break
-            header = self.next(TICK)
+            header = self.next(TICK if not self.held else FRAMES_TICK)
             while header is not None:
                 self.absorb(header)
                 header = self.next(0)
@@ -240,12 +244,24 @@ class _Stream:
         self.over = True
         return header["stats"]
 
+    def send_ready(self) -> None:
+        """Send the held clips whose frames are done, in order. A clip whose frames were never begun,
+        failed or were cancelled goes as it is: the child computes them (or fails the clip as the
+        engine would)."""
+        waiting = []
+        for clip in self.held:
+            if clip.frames is not None and not clip.frames.done():
+                waiting.append(clip)
+            else:
+                self.send(clip)
+        self.held = waiting
+
     def send(self, clip: ClipRequest) -> None:
         key = self.sent
         self.sent += 1
         self.in_flight[key] = Flight(clip)
         frames = clip.frames
-        ready = frames is not None and frames.done() and frames.exception() is None  # else the child computes them
+        ready = frames is not None and not frames.cancelled() and frames.exception() is None
         arrays = [] if clip.samples is None else [clip.samples] + ([frames.result()] if ready else [])
         self.engine._send({"op": "clip", "key": key, "instruction": clip.instruction,
                            "max_new_tokens": clip.max_new_tokens}, arrays)
