@@ -245,9 +245,10 @@ class _Stream:
         return header["stats"]
 
     def send_ready(self) -> None:
-        """Send the held clips whose frames are done, in order. A clip whose frames were never begun,
-        failed or were cancelled goes as it is: the child computes them (or fails the clip as the
-        engine would)."""
+        """Send the held clips whose frames are done (a ready clip may pass one still waiting). A clip
+        whose frames were never begun, failed or were cancelled goes as it is: the child computes
+        them (or fails the clip as the engine would). If the stream is cut while clips are held,
+        they get no outcome, as clips not yet admitted in-process: the batch resolves their jobs."""
         waiting = []
         for clip in self.held:
             if clip.frames is not None and not clip.frames.done():

@@ -5,7 +5,8 @@ Linux every ``exp`` is a scalar libm call. In the Conformer's feed-forward block
 ~70 ms for one 30 s clip's [750, 4096] SiLU on this project's CPU, against ~50 ms for the
 matmul in front of it: a third of the tower. NumPy's SIMD ``exp`` does the same SiLU in
 ~11 ms, and a CPU array crosses to NumPy without a copy. Everywhere else (Metal, CUDA, and
-dtypes NumPy does not have, such as bfloat16) MLX's own kernels run.
+dtypes NumPy does not have, such as bfloat16) MLX's own kernels run. The NumPy path evaluates
+its input, so these are for inference: not for use under ``mx.compile``, ``vmap`` or ``grad``.
 """
 
 from __future__ import annotations
