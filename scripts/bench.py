@@ -3,7 +3,7 @@
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
         .venv/bin/python scripts/bench.py [--model DIR] [--clips 256] [--min-seconds 2] [--max-seconds 30] \\
         [--max-new-tokens 64] [--batch 1 32] [--token-budget 32768] [--prefetch 4] [--join-jobs 8] \\
-        [--threads 8] [--peer-python /tmp/vlmenv/bin/python] [--peer-clips 16] \\
+        [--threads 8] [--settings NAME=VALUE,...] [--peer-python /tmp/vlmenv/bin/python] [--peer-clips 16] \\
         [--json summary.json] [--log-dir DIR] [--profile]
 
 Starts its own redis-server and moto's S3 server (nothing kept), uploads ``--clips`` WAVs of
@@ -49,7 +49,7 @@ from demo import free_port, start_redis  # noqa: E402
 WORKER_MODE = "--run-worker"
 PROFILE_VARIABLE = "AUDIOQ_BENCH_PROFILE"
 STAGES = ("fetch", "decode_audio", "front_end", "audio_tower", "prefill", "generate", "write")
-BATCH_LINE = re.compile(r"batch: (\d+) jobs in ([\d.]+) s, ([\d.]+) s of it outside the engine")
+BATCH_LINE = re.compile(r"batch: (\d+) jobs in ([\d.]+) s, ([\d.]+) s of it outside the engine[^;]*; engine: (.*)")
 WARM_UP_LINE = re.compile(r"warm-up .* took ([\d.]+) s")
 ENGINE_MEMORY = re.compile(r"peak_mlx_memory_mb ([\d.e+]+)")
 
@@ -86,7 +86,8 @@ def upload(endpoint: str, lengths: list[float]) -> list[str]:
     return uris
 
 
-def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile: bool = False) -> dict:
+def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile: bool = False,
+          variant: str = "") -> dict:
     """Enqueue the backlog, drain it with one burst worker subprocess, and summarise the records."""
     import redis
 
@@ -99,7 +100,12 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
     ids = [o.job_id for o in client.enqueue_many([{"audio_uri": u, "max_new_tokens": max_new_tokens} for u in uris])]
     enqueue_seconds = time.perf_counter() - started
     run_name = (f"worker-{settings.batch_max_jobs}-{settings.prefetch_threads}-{settings.batch_join_jobs}"
-                f"-{'process' if settings.engine_process else 'inline'}")
+                f"-{'process' if settings.engine_process else 'inline'}{'-' + variant if variant else ''}")
+    run_name = re.sub(r"[^\w.-]", "_", run_name)
+    repeat = 1
+    while (log_dir / f"{run_name}.log").exists():  # the same configuration run again keeps its own log
+        repeat += 1
+        run_name = f"{run_name.split('.run')[0]}.run{repeat}"
     log_path = log_dir / f"{run_name}.log"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     if profile:
@@ -112,7 +118,11 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
     engine_peaks = [float(m) for m in ENGINE_MEMORY.findall(text)]  # the engine process's own, in its batch lines
     if engine_peaks:
         memory["peak_mlx_memory_mb"] = max(engine_peaks)
-    batches = [(int(n), float(wall), float(out)) for n, wall, out in BATCH_LINE.findall(text)]
+    batches = [(int(n), float(wall), float(out)) for n, wall, out, _ in BATCH_LINE.findall(text)]
+    engine_totals: dict[str, float] = {}  # the engine's own (Engine.stream's totals), summed over batches
+    for *_, totals in BATCH_LINE.findall(text):
+        for name, value in (item.rsplit(" ", 1) for item in totals.split(", ") if " " in item):
+            engine_totals[name] = (max if name.startswith("peak") else sum)((engine_totals.get(name, 0), float(value)))
     jobs = client.status_many(ids)
     states = {s.state for s in jobs}
     failures = sorted({f"{s.failure.code.value}: {s.failure.message}" for s in jobs if s.failure})
@@ -126,13 +136,14 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
     audio = sum(r.audio_seconds for r in results)
     tokens = sum(r.tokens for r in results)
     return {
-        "engine_process": settings.engine_process, "batch_max_jobs": settings.batch_max_jobs, "prefetch_threads": settings.prefetch_threads,
+        "settings": variant, "engine_process": settings.engine_process, "batch_max_jobs": settings.batch_max_jobs,
+        "prefetch_threads": settings.prefetch_threads,
         "batch_join_jobs": settings.batch_join_jobs, "jobs": len(ids), "audio_seconds": audio, "tokens": tokens,
         "enqueue_seconds": enqueue_seconds, "backlog_wall_seconds": wall,
         "audio_seconds_per_wall_second": audio / wall, "tokens_per_second": tokens / wall,
         "stage_seconds": {s: sum(r.timings.get(s, 0.0) for r in results) for s in STAGES},
         "queue_storage_overhead": max(0.0, wall - in_engine) / wall,
-        "batches": len(batches), "warm_up_seconds": float(WARM_UP_LINE.search(text).group(1)), **memory,
+        "engine_totals": engine_totals, "batches": len(batches), "warm_up_seconds": float(WARM_UP_LINE.search(text).group(1)), **memory,
     }
 
 
@@ -152,11 +163,17 @@ def peer(python: str, model: str, lengths: list[float], max_new_tokens: int) -> 
 
 def print_run(run: dict) -> None:
     stages = ", ".join(f"{k} {v:.1f}" for k, v in run["stage_seconds"].items())
-    print(f"engine_process {run['engine_process']}, batch_max_jobs {run['batch_max_jobs']}, prefetch_threads {run['prefetch_threads']}, join {run['batch_join_jobs']}: {run['jobs']} jobs, {run['audio_seconds']:.0f} audio s in "
+    print(f"{describe(run)}: {run['jobs']} jobs, {run['audio_seconds']:.0f} audio s in "
           f"{run['backlog_wall_seconds']:.1f} s: {run['audio_seconds_per_wall_second']:.2f} audio s / wall s, "
           f"{run['tokens_per_second']:.1f} tok/s; queue + storage overhead {run['queue_storage_overhead']:.1%}; "
           f"warm-up {run['warm_up_seconds']:.2f} s; peak RSS {run['peak_rss_mb']:.0f} MB, "
-          f"MLX {run['peak_mlx_memory_mb']:.0f} MB\n    stage seconds (summed over jobs): {stages}")
+          f"MLX {run['peak_mlx_memory_mb']:.0f} MB\n    stage seconds (summed over jobs): {stages}\n    engine: "
+          + ", ".join(f"{k} {v:.3g}" for k, v in sorted(run["engine_totals"].items())))
+
+
+def describe(run: dict) -> str:
+    return (f"engine_process {run['engine_process']}, batch_max_jobs {run['batch_max_jobs']}, prefetch_threads "
+            f"{run['prefetch_threads']}, join {run['batch_join_jobs']}" + (f", {run['settings']}" if run["settings"] else ""))
 
 
 def run_worker_mode(settings_json: str) -> int:
@@ -199,6 +216,9 @@ def main() -> int:
                         help="engine_process values to run (off: the model in the worker's own process)")
     parser.add_argument("--token-budget", type=int, default=32768,
                         help="batch_token_budget: KV rows the running clips may hold (a GPU takes far more)")
+    parser.add_argument("--settings", nargs="+", default=[""], metavar="NAME=VALUE,...",
+                        help="worker settings per run, e.g. batch_encode_clips=32,batch_padding_slack=2 "
+                        "(each variant runs with every other combination; '' for the defaults)")
     parser.add_argument("--peer-python", help="python of a venv with mlx-vlm 0.7.10 (skipped without)")
     parser.add_argument("--peer-clips", type=int, default=16, help="how many of the clips the peer runs")
     parser.add_argument("--json", help="write the summary here")
@@ -226,14 +246,17 @@ def main() -> int:
         uris = upload(endpoint, lengths)
         summary = {"model": model, "clips": args.clips, "clip_seconds": [args.min_seconds, args.max_seconds],
                    "max_new_tokens": args.max_new_tokens, "runs": []}
-        for process, threads, join, batch in [(p, t, j, b) for p in args.engine_process for t in args.threads
-                                              for j in args.join_jobs for b in args.batch]:
+        for variant, process, threads, join, batch in [(v, p, t, j, b) for v in args.settings
+                                                       for p in args.engine_process for t in args.threads
+                                                       for j in args.join_jobs for b in args.batch]:
+            overrides = dict(item.split("=", 1) for item in variant.split(",") if item)
             settings = load_settings(environ={}, redis_url=redis_url, model=model, s3_endpoint_url=endpoint,
                                      s3_region="us-east-1", s3_addressing_style="path", batch_max_jobs=batch,
                                      batch_token_budget=args.token_budget, prefetch_jobs=args.prefetch,
                                      prefetch_threads=threads, batch_join_jobs=join,
-                                     default_max_new_tokens=args.max_new_tokens, engine_process=process == "on")
-            run = drain(settings, uris, args.max_new_tokens, args.log_dir or workdir, args.profile)
+                                     default_max_new_tokens=args.max_new_tokens, engine_process=process == "on",
+                                     **overrides)
+            run = drain(settings, uris, args.max_new_tokens, args.log_dir or workdir, args.profile, variant)
             summary["runs"].append(run)
             print_run(run)
         if args.peer_python:
@@ -245,7 +268,7 @@ def main() -> int:
             for run in summary["runs"]:
                 run["ratio_to_peer"] = run["audio_seconds_per_wall_second"] / p["audio_seconds_per_wall_second"]
                 run["token_ratio_to_peer"] = run["tokens_per_second"] / p["tokens_per_second"]
-                print(f"engine_process {run['engine_process']}, batch_max_jobs {run['batch_max_jobs']}, prefetch_threads {run['prefetch_threads']}, join {run['batch_join_jobs']} / peer: {run['ratio_to_peer']:.2f}x audio s/s, "
+                print(f"{describe(run)} / peer: {run['ratio_to_peer']:.2f}x audio s/s, "
                       f"{run['token_ratio_to_peer']:.2f}x tok/s")
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=2))

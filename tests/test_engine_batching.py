@@ -15,9 +15,11 @@ import pytest
 
 from conftest import make_tone
 from producer.failures import AudioqError, FailureCode
+from producer.settings import Settings
 from worker.gemma4.attention import decode_attention
 from worker.gemma4.engine import ClipRequest, Engine, Prompt
 from worker.gemma4.scheduler import PADDING_SLACK
+from worker.process import engine_options
 
 SECONDS = [0.3, 1.3, 4.0, 11.0, 30.0]
 NEW_TOKENS = 16
@@ -195,6 +197,21 @@ def test_on_the_cpu_clips_of_different_lengths_are_not_padded_together(engine, w
             feeder(clips), lambda clip, out: outputs.__setitem__(clip.tag, out.tokens), stop_ids=())
         assert stats["prefills"] == prefills
         assert [outputs[i] for i in range(len(waves))] == alone[:len(waves)]
+
+
+@pytest.mark.parametrize("encode_clips, prefill_tokens, towers, prefills", [(2, 8192, 3, 1), (8, 1, 1, 5)])
+def test_the_worker_settings_bound_the_engine_s_tower_and_prefill_calls(engine, waves, alone, encode_clips,
+                                                                          prefill_tokens, towers, prefills):
+    """``batch_encode_clips`` clips a tower call, ``batch_prefill_tokens`` padded tokens a prefill call (one
+    prompt always goes, however long), ``batch_padding_slack`` the padding either may carry."""
+    settings = Settings(batch_encode_clips=encode_clips, batch_prefill_tokens=prefill_tokens,
+                        batch_padding_slack=PAD_ALL)
+    clips = [ClipRequest(w, "Transcribe this audio.", NEW_TOKENS, tag=i) for i, w in enumerate(waves)]
+    outputs = {}
+    stats = Engine(engine.model, **engine_options(settings)).stream(
+        feeder(clips), lambda clip, out: outputs.__setitem__(clip.tag, out.tokens), stop_ids=())
+    assert (stats["towers"], stats["prefills"]) == (towers, prefills)
+    assert [outputs[i] for i in range(len(waves))] == alone[:len(waves)]
 
 
 def test_a_padding_slack_below_one_is_refused(engine):

@@ -525,7 +525,9 @@ def engine_options(settings: Settings) -> dict:
     """The engine's batch limits from the settings, for the worker and ``audioq transcribe`` alike:
     a job's (or a file's) clips are rows, and the memory budget is the KV cache's bound."""
     return dict(max_rows=settings.batch_max_jobs, max_batch_tokens=settings.batch_token_budget,
-                join_rows=settings.batch_join_jobs, join_wait=settings.batch_join_wait)
+                prefill_tokens=settings.batch_prefill_tokens, encode_rows=settings.batch_encode_clips,
+                padding_slack=settings.batch_padding_slack, join_rows=settings.batch_join_jobs,
+                join_wait=settings.batch_join_wait)
 
 
 def run_worker(settings: Settings, *, queues: list[str] | None = None, burst: bool = False,

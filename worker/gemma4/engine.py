@@ -255,6 +255,7 @@ class Engine:
         tower = time.perf_counter() - started
         stats["front_end"] += front_end
         stats["audio_tower"] += tower
+        stats["towers"] += 1
         rows = []
         for i, audio in zip(live, encoded):
             clip, count = group[i]
@@ -335,7 +336,7 @@ class Engine:
 
     def _scheduler(self, limits: dict[str, int]) -> Scheduler:
         scheduler = Scheduler(self.decoder, **{**self.limits, **limits}, padding_slack=self.padding_slack)
-        scheduler.stats.update(front_end=0.0, audio_tower=0.0)
+        scheduler.stats.update(front_end=0.0, audio_tower=0.0, towers=0)  # towers: tower calls
         return scheduler
 
     def _stop(self, stop_ids: tuple[int, ...] | None) -> frozenset[int]:
