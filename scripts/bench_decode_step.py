@@ -15,7 +15,7 @@ times, for each batch:
   at each ``--switch-interval`` (how long a thread may keep the interpreter lock when another
   wants it);
 - a row leaving (``KVBatch.keep``) and 16 rows joining (``KVBatch.extend``), and 16 rows written
-  into the rows of finished ones with plain slices instead (a variant, not the engine's);
+  into the rows of finished ones instead (``KVBatch.place``);
 - the attention call of one layer at the step's shapes, as mlx-lm makes it (grouped query
   heads) and with the query heads laid out as positions of the one KV head;
 - the pipelined step again with mlx-lm's own attention entry point instead of
@@ -160,16 +160,11 @@ def leave_and_join(decoder: Decoder, batch, width: int) -> tuple[float, float]:
 
 
 def join_into_holes(decoder: Decoder, batch, width: int) -> float:
-    """ms of 16 new rows written into the rows of 16 finished ones, one plain slice per row and layer
-    (a variant the engine does not use: what a join costs without copying the cache)."""
+    """ms of 16 new rows written into the rows of 16 finished ones (``KVBatch.place``, as the scheduler
+    joins rows where others left)."""
     _, joining = prefill(decoder, 16, width, padded=True, seed=2)
     started = time.perf_counter()
-    for mine, theirs in zip(batch.caches, joining.caches):
-        for row, pad in enumerate(joining.pads):
-            length = joining.columns - pad
-            for name in ("keys", "values"):
-                target, source = getattr(mine, name), getattr(theirs, name)
-                target[row:row + 1, :, mine._idx - length:mine._idx] = source[row:row + 1, :, pad:joining.columns]
+    batch.place(joining, [(row, row) for row in range(16)])
     mx.eval([c.state[:2] for c in batch.caches])
     return 1e3 * (time.perf_counter() - started)
 

@@ -86,6 +86,23 @@ def test_rows_joining_where_others_left_decode_as_they_do_alone(engine, prompts,
     assert engine.generate(twice, budgets, stop_ids=(), joins=joins) == expected
 
 
+def test_a_row_joining_where_another_left_takes_its_place(engine, waves, alone):
+    """The first late clip is written over the finished row (no other row moves); the second finds no
+    hole left and is appended. Both decode as they do alone, over the finished row's old columns."""
+    budgets = {2: 3, 3: NEW_TOKENS, 4: NEW_TOKENS, 0: NEW_TOKENS, 1: NEW_TOKENS}
+    clips = {i: ClipRequest(waves[i], "Transcribe this audio.", n, tag=i) for i, n in budgets.items()}
+    arrivals = {1: [clips[2], clips[3], clips[4]], 8: [clips[0], clips[1]]}  # by feed call: after clip 2 left
+    calls, outputs = [], {}
+
+    def feed(free: int) -> list[ClipRequest]:
+        calls.append(free)
+        return arrivals.pop(len(calls), [])
+
+    stats = engine.stream(feed, lambda clip, out: outputs.__setitem__(clip.tag, out.tokens), stop_ids=())
+    assert stats["placed"] == 1 and stats["peak_rows"] == 4
+    assert outputs == {i: alone[i][:n] for i, n in budgets.items()}
+
+
 def test_a_finished_row_does_not_keep_the_cache_wider_than_its_budget(engine):
     """A long prompt that finishes first would otherwise hold its columns while two short ones run on."""
     long = " ".join(["word"] * 300)

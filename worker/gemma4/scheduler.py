@@ -7,12 +7,14 @@ batch with them; rows that stop, spend their budget or whose check point raises 
 batch at once, so long outputs never hold short ones hostage.
 
 A row that leaves is finished at once but leaves a hole: its cache columns stay, computed
-for nothing, until rows join (extending the cache copies it anyway, so the holes go just
-before the new rows' prefill), holes are half the batch, or a hole is what keeps the
-cache's oldest columns (the cache would outgrow the memory budget that admitted its rows).
-Dropping a row copies every layer's cache (24 ms for 256 rows on the H200, two steps), and
-rows leave at nearly every step; a hole costs little, because a step's time hardly grows
-with its rows (docs/design.md, "Batching").
+for nothing, until a joining row takes its place (written over it, right-aligned, with one
+plain slice per layer: no other row moves), holes are half the batch, or a hole is what
+keeps the cache's oldest columns (the cache would outgrow the memory budget that admitted
+its rows). A joining row longer than the batch's columns is appended instead, which copies
+every row, so the holes left go then too. Dropping or appending rows copies every layer's
+cache (24 ms for 256 rows on the H200, two steps), and rows leave at nearly every step; a
+hole costs little, because a step's time hardly grows with its rows (docs/design.md,
+"Batching").
 
 Running out of device memory fails nothing: a group whose prefill does not fit is split
 in halves and retried (so is a group the model refuses, so that the row at fault fails
@@ -117,9 +119,10 @@ class Scheduler:
         self.batch: KVBatch | None = None
         self.token: mx.array | None = None  # the next input of every running row, not yet read
         # totals for benchmarks, logs and callers: seconds in prefill and decode, rows, prefill calls, steps, tokens read
-        # peak_cache_tokens: the most rows x columns the KV cache held (holes included)
+        # peak_cache_tokens: the most rows x columns the KV cache held (holes included); placed: rows that
+        # joined into holes
         self.stats: dict[str, float] = dict(prefill=0.0, decode=0.0, rows=0, prefills=0, tokens=0, steps=0,
-                                            peak_rows=0, peak_cache_tokens=0, out_of_memory=0)
+                                            peak_rows=0, peak_cache_tokens=0, out_of_memory=0, placed=0)
 
     @property
     def running(self) -> list[Row]:
@@ -166,8 +169,6 @@ class Scheduler:
             if count > 1 and count * widest > self.max_batch_tokens:
                 break
             chosen.append(self.waiting.popleft())
-        if chosen:
-            self._compact()  # the holes' room was counted as free: make it so before prefilling
         for group in self._groups(chosen):
             self._prefill(group, finish)
 
@@ -217,22 +218,43 @@ class Scheduler:
         self._join(live, first, batch, finish)
 
     def _join(self, live: list[Row], first: mx.array, batch: KVBatch, finish: Finish) -> None:
-        ready = [i for i, r in enumerate(live) if r.budget > len(r.tokens)]
-        for i, row in enumerate(live):
-            if i not in ready:
+        """Prefilled rows join the running batch: into holes where they fit, appended otherwise."""
+        ready = [j for j, r in enumerate(live) if r.budget > len(r.tokens)]
+        for j, row in enumerate(live):
+            if j not in ready:
                 finish(row, row.tokens)
+        if self.batch is not None:
+            ready = self._place(live, ready, first, batch)
         if not ready:
             return
         if len(ready) < len(live):
             batch.keep(ready)
             first = first[mx.array(ready)]
-            live = [live[i] for i in ready]
+            live = [live[j] for j in ready]
         if self.batch is None:
             self.rows, self.batch, self.token = live, batch, first
             return
+        self._compact()  # extending copies the whole cache anyway: the holes left go now
         self.batch.extend(batch)
         self.rows = self.rows + live
         self.token = mx.concatenate([self.token, first])
+
+    def _place(self, live: list[Row], ready: list[int], first: mx.array, batch: KVBatch) -> list[int]:
+        """Write ready rows into holes, each no longer than the running batch's columns; returns the rest."""
+        holes = [i for i, row in enumerate(self.rows) if row is None]
+        lengths = batch.lengths()
+        fitting = [j for j in ready if lengths[j] <= self.batch.columns]
+        pairs = list(zip(holes, fitting))
+        if not pairs:
+            return ready
+        self.batch.place(batch, pairs)
+        targets, sources = (mx.array(side) for side in zip(*pairs))
+        self.token[targets] = first[sources]
+        for i, j in pairs:
+            self.rows[i] = live[j]
+        self.stats["placed"] += len(pairs)
+        placed = {j for _, j in pairs}
+        return [j for j in ready if j not in placed]
 
     # -- stepping -----------------------------------------------------------------------
 
