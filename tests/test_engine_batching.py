@@ -18,7 +18,7 @@ from producer.failures import AudioqError, FailureCode
 from producer.settings import Settings
 from worker.gemma4.attention import decode_attention
 from worker.gemma4.engine import ClipRequest, Engine, Prompt
-from worker.gemma4.scheduler import PADDING_SLACK
+from worker.gemma4.scheduler import PADDING_SLACK, Row, Scheduler
 from worker.process import engine_options
 
 SECONDS = [0.3, 1.3, 4.0, 11.0, 30.0]
@@ -101,6 +101,60 @@ def test_a_row_joining_where_another_left_takes_its_place(engine, waves, alone):
     stats = engine.stream(feed, lambda clip, out: outputs.__setitem__(clip.tag, out.tokens), stop_ids=())
     assert stats["placed"] == 1 and stats["peak_rows"] == 4
     assert outputs == {i: alone[i][:n] for i, n in budgets.items()}
+
+
+@pytest.mark.parametrize("lengths", [(40, 30, 12), (40, 5, 30), (40, 30, 3), (20, 10, 22)])
+def test_a_row_placed_over_a_finished_one_steps_as_it_does_alone(engine, lengths):
+    """Longer or shorter than the finished row, inside the sliding window or past it, at no padding."""
+    decoder = engine.decoder
+    rng = np.random.default_rng(5)
+    running, finished, joining = ([2] + rng.integers(110, 400, n - 1).tolist() for n in lengths)
+    _, batch = decoder.prefill([running, finished], [None, None])
+    for token in (17, 23):
+        decoder.step(mx.array([token, token]), batch)
+    _, alone = decoder.prefill([joining], [None])
+    batch.place(alone, [(1, 0)])
+    assert batch.pads[1] == batch.columns - len(joining)
+    assert all(cache.offset.tolist() == batch.lengths() for cache in batch.caches)
+    placed = decoder.step(mx.array([5, 99]), batch)[1]
+    assert np.abs(np.array(placed) - np.array(decoder.step(mx.array([99]), alone)[0])).max() < 1e-5
+
+
+def test_a_row_longer_than_the_batch_is_not_placed(engine):
+    decoder = engine.decoder
+    _, batch = decoder.prefill([[2] + [120] * 9, [2] + [130] * 4], [None, None])
+    _, longer = decoder.prefill([[2] + [140] * 10], [None])
+    with pytest.raises(ValueError, match="cannot be placed"):
+        batch.place(longer, [(1, 0)])
+
+
+def test_rows_placed_in_holes_keep_the_cache_within_its_budget(engine):
+    """Ten rows fill the budget; four leave early (holes, fewer than half). A row with a wider reserve
+    that fits 7 rows but not 10 must not be placed beside the holes: the cache would outgrow the budget
+    (1,390 of 1,000 tokens when it was). It joins after the holes go, and every row decodes as alone."""
+    rng = np.random.default_rng(3)
+    budget = 1000
+
+    def row(length: int, new_tokens: int) -> Row:
+        return Row([2] + rng.integers(110, 400, length - 1).tolist(), None, new_tokens, frozenset())
+
+    first = [row(50, 50)] + [row(10, 90) for _ in range(5)] + [row(10, 2) for _ in range(4)]  # reserve 100 each
+    late = row(52, 88)  # reserve 140: 7 x 140 <= 1000 < 10 x 140
+    scheduler = Scheduler(engine.decoder, max_rows=32, max_batch_tokens=budget, prefill_tokens=8192,
+                          padding_slack=PAD_ALL)
+    pending, outputs = [list(first)], {}
+
+    def feed(free: int) -> list[Row] | None:
+        if pending:
+            return pending.pop()
+        if scheduler.stats["steps"] == 2 and late.joined is None and late not in scheduler.waiting:
+            return [late]
+        return [] if scheduler.rows or scheduler.waiting else None
+
+    scheduler.run(feed, lambda r, outcome: outputs.__setitem__(id(r), outcome))
+    assert late.joined is not None and scheduler.stats["peak_cache_tokens"] <= budget
+    for r in first + [late]:
+        assert outputs[id(r)] == engine.generate([Prompt(r.ids)], r.budget, stop_ids=())[0]
 
 
 def test_a_finished_row_does_not_keep_the_cache_wider_than_its_budget(engine):

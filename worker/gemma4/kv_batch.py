@@ -109,19 +109,22 @@ class KVBatch:
         """Write ``other``'s row j over this batch's row i, for each (i, j), right-aligned.
 
         Row i's old columns left of the new row become its padding (the mask hides them), so
-        no other row moves: one plain slice per row and layer, where ``extend`` copies every
-        row of every layer. Row j must not be longer than this batch's columns.
+        no other row moves: a slice for the keys and one for the values per row and layer,
+        where ``extend`` copies every row of every layer. Row j may not be longer than this
+        batch's columns.
         """
         for i, j in pairs:
-            self.pads[i] = self.columns - (other.columns - other.pads[j])
+            length = other.columns - other.pads[j]
+            if length > self.columns:
+                raise ValueError(f"a row of {length} columns cannot be placed in a batch of {self.columns}")
+            self.pads[i] = self.columns - length
         for mine, theirs in zip(self.caches, other.caches):
             for i, j in pairs:
                 target, source = slice(self.pads[i], self.columns), slice(other.pads[j], other.columns)
                 mine.keys[i:i + 1, :, target] = theirs.keys[j:j + 1, :, source]
                 mine.values[i:i + 1, :, target] = theirs.values[j:j + 1, :, source]
-        offsets, pads = mx.array(self.lengths()), mx.array(self.pads)
-        for cache in self.caches:
-            cache.offset, cache.left_padding = offsets, pads
+        for cache in self.caches:  # arrays of its own each: mlx-lm updates them in place (``+=``)
+            cache.offset, cache.left_padding = mx.array(self.lengths()), mx.array(self.pads)
 
     def extend(self, other: "KVBatch") -> None:
         """Append ``other``'s rows; the shorter side is padded on the left."""

@@ -2,16 +2,17 @@
 
 A row is one prompt ready for the decoder (ids, audio soft tokens, budget, stop ids, its
 owner's check point). Before every decode step the scheduler admits waiting rows (under
-the row limit and the memory budget), prefills them in groups and extends the running
-batch with them; rows that stop, spend their budget or whose check point raises leave the
+the row limit and the memory budget), prefills them in groups and joins them to the
+running batch; rows that stop, spend their budget or whose check point raises leave the
 batch at once, so long outputs never hold short ones hostage.
 
 A row that leaves is finished at once but leaves a hole: its cache columns stay, computed
-for nothing, until a joining row takes its place (written over it, right-aligned, with one
-plain slice per layer: no other row moves), holes are half the batch, or a hole is what
-keeps the cache's oldest columns (the cache would outgrow the memory budget that admitted
-its rows). A joining row longer than the batch's columns is appended instead, which copies
-every row, so the holes left go then too. Dropping or appending rows copies every layer's
+for nothing, until a joining row takes its place (written over it, right-aligned, with
+plain slices: no other row moves), holes are half the batch, or a hole is what keeps the
+cache's oldest columns (the cache would outgrow the memory budget that admitted its rows).
+A joining row longer than the batch's columns, or one more than there are holes, is
+appended instead, which copies every row, so the holes left go then too; so do they when
+the holes kept beside a placed row would let the cache outgrow the memory budget. Dropping or appending rows copies every layer's
 cache (24 ms for 256 rows on the H200, two steps), and rows leave at nearly every step; a
 hole costs little, because a step's time hardly grows with its rows (docs/design.md,
 "Batching").
@@ -240,12 +241,17 @@ class Scheduler:
         self.token = mx.concatenate([self.token, first])
 
     def _place(self, live: list[Row], ready: list[int], first: mx.array, batch: KVBatch) -> list[int]:
-        """Write ready rows into holes, each no longer than the running batch's columns; returns the rest."""
+        """Write ready rows into holes, each no longer than the running batch's columns; returns the rest.
+
+        The holes left stay in the cache, whose columns grow to the widest row's reserve: when
+        that would pass the memory budget, nothing is placed (the rows are appended, after
+        the holes are dropped)."""
         holes = [i for i, row in enumerate(self.rows) if row is None]
         lengths = batch.lengths()
         fitting = [j for j in ready if lengths[j] <= self.batch.columns]
         pairs = list(zip(holes, fitting))
-        if not pairs:
+        widest = max([r.reserve for r in self.running] + [live[j].reserve for _, j in pairs], default=0)
+        if not pairs or len(self.rows) * widest > self.max_batch_tokens:
             return ready
         self.batch.place(batch, pairs)
         targets, sources = (mx.array(side) for side in zip(*pairs))
