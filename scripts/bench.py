@@ -51,7 +51,6 @@ PROFILE_VARIABLE = "AUDIOQ_BENCH_PROFILE"
 STAGES = ("fetch", "decode_audio", "front_end", "audio_tower", "prefill", "generate", "write")
 BATCH_LINE = re.compile(r"batch: (\d+) jobs in ([\d.]+) s, ([\d.]+) s of it outside the engine[^;]*; engine: (.*)")
 WARM_UP_LINE = re.compile(r"warm-up .* took ([\d.]+) s")
-ENGINE_MEMORY = re.compile(r"peak_mlx_memory_mb ([\d.e+]+)")
 
 
 def clip_lengths(count: int, low: float, high: float) -> list[float]:
@@ -99,13 +98,13 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
     started = time.perf_counter()
     ids = [o.job_id for o in client.enqueue_many([{"audio_uri": u, "max_new_tokens": max_new_tokens} for u in uris])]
     enqueue_seconds = time.perf_counter() - started
-    run_name = (f"worker-{settings.batch_max_jobs}-{settings.prefetch_threads}-{settings.batch_join_jobs}"
-                f"-{'process' if settings.engine_process else 'inline'}{'-' + variant if variant else ''}")
-    run_name = re.sub(r"[^\w.-]", "_", run_name)
-    repeat = 1
+    base = re.sub(r"[^\w.-]", "_", f"worker-{settings.batch_max_jobs}-{settings.prefetch_threads}-"
+                  f"{settings.batch_join_jobs}-{'process' if settings.engine_process else 'inline'}"
+                  f"{'-' + variant if variant else ''}")
+    run_name, repeat = base, 1
     while (log_dir / f"{run_name}.log").exists():  # the same configuration run again keeps its own log
         repeat += 1
-        run_name = f"{run_name.split('.run')[0]}.run{repeat}"
+        run_name = f"{base}.run{repeat}"
     log_path = log_dir / f"{run_name}.log"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     if profile:
@@ -115,14 +114,13 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
                        stderr=subprocess.STDOUT, check=True)
     text = log_path.read_text()
     memory = json.loads(text.rsplit("BENCH-WORKER ", 1)[1].splitlines()[0])
-    engine_peaks = [float(m) for m in ENGINE_MEMORY.findall(text)]  # the engine process's own, in its batch lines
-    if engine_peaks:
-        memory["peak_mlx_memory_mb"] = max(engine_peaks)
     batches = [(int(n), float(wall), float(out)) for n, wall, out, _ in BATCH_LINE.findall(text)]
     engine_totals: dict[str, float] = {}  # the engine's own (Engine.stream's totals), summed over batches
     for *_, totals in BATCH_LINE.findall(text):
         for name, value in (item.rsplit(" ", 1) for item in totals.split(", ") if " " in item):
             engine_totals[name] = (max if name.startswith("peak") else sum)((engine_totals.get(name, 0), float(value)))
+    if "peak_mlx_memory_mb" in engine_totals:  # the engine process's own (the worker's is not the model's)
+        memory["peak_mlx_memory_mb"] = engine_totals["peak_mlx_memory_mb"]
     jobs = client.status_many(ids)
     states = {s.state for s in jobs}
     failures = sorted({f"{s.failure.code.value}: {s.failure.message}" for s in jobs if s.failure})

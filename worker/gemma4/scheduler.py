@@ -12,10 +12,10 @@ plain slices: no other row moves), holes are half the batch, or a hole is what k
 cache's oldest columns (the cache would outgrow the memory budget that admitted its rows).
 A joining row longer than the batch's columns, or one more than there are holes, is
 appended instead, which copies every row, so the holes left go then too; so do they when
-the holes kept beside a placed row would let the cache outgrow the memory budget. Dropping or appending rows copies every layer's
-cache (24 ms for 256 rows on the H200, two steps), and rows leave at nearly every step; a
-hole costs little, because a step's time hardly grows with its rows (docs/design.md,
-"Batching").
+the holes kept beside a placed row would let the cache outgrow the memory budget. Dropping
+or appending rows copies every layer's cache (24 ms for 256 rows on the H200, two steps),
+and rows leave at nearly every step; a hole costs little, because a step's time hardly
+grows with its rows (docs/design.md, "Batching").
 
 Running out of device memory fails nothing: a group whose prefill does not fit is split
 in halves and retried (so is a group the model refuses, so that the row at fault fails
@@ -250,8 +250,10 @@ class Scheduler:
         lengths = batch.lengths()
         fitting = [j for j in ready if lengths[j] <= self.batch.columns]
         pairs = list(zip(holes, fitting))
-        widest = max([r.reserve for r in self.running] + [live[j].reserve for _, j in pairs], default=0)
-        if not pairs or len(self.rows) * widest > self.max_batch_tokens:
+        if not pairs:
+            return ready
+        widest = max([r.reserve for r in self.running] + [live[j].reserve for _, j in pairs])
+        if len(self.rows) * widest > self.max_batch_tokens:
             return ready
         self.batch.place(batch, pairs)
         targets, sources = (mx.array(side) for side in zip(*pairs))
