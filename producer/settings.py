@@ -96,11 +96,13 @@ class Settings(BaseModel):
     batch_join_jobs: int = Field(8, ge=1, description="while the engine runs, new clips go in this many at a time "
                                  "(one tower call and prefill), or once the first has waited batch_join_wait")
     batch_join_wait: float = Field(0.25, ge=0, description="seconds a clip waits at most for others to join with")
-    batch_encode_clips: int = Field(8, ge=1, description="clips through the audio tower in one padded call")
-    batch_prefill_tokens: int = Field(8192, ge=1, description="padded prompt tokens prefilled in one call")
+    batch_encode_clips: int | None = Field(None, ge=1, description="clips through the audio tower in one padded "
+                                           "call; unset: 8 on the CPU, 64 on a GPU")
+    batch_prefill_tokens: int | None = Field(None, ge=1, description="padded prompt tokens prefilled in one call; "
+                                             "unset: 8192 on the CPU, 32768 on a GPU")
     batch_padding_slack: float | None = Field(None, ge=1.0, description="a tower or prefill call computes at most "
                                               "this many times what its clips need; unset: 1.0 on the CPU, "
-                                              "1.25 on a GPU (where a call's fixed cost outweighs some padding)")
+                                              "4.0 on a GPU (where a call's fixed cost outweighs padding)")
     engine_process: bool = Field(True, description="run the model in a child process, so its decode loop does not "
                                  "share an interpreter with the worker's queue and storage threads")
     redis_retry_max_wait: float = Field(2.0, gt=0, description="longest wait between reconnects while Redis is away")

@@ -41,11 +41,17 @@ from worker.gemma4.features import (MAX_SAMPLES, SAMPLE_RATE, audio_token_count,
 from worker.gemma4.loader import LoadedModel, load_model
 from worker.gemma4.projector import valid_rows
 from worker.gemma4.prompt import PromptBuilder
-from worker.gemma4.scheduler import PADDING_SLACK, Row, Scheduler, check_limits, pack
+from worker.gemma4.scheduler import Row, Scheduler, check_limits, pack
 from worker.gemma4.shapes import tower_length
 
 StageHook = Callable[[str], None]
 WARM_UP_SECONDS = (1.0, 2.5, 30.0, 7.0, 0.5)  # alone, then joining a running batch two at a time
+# Tower and prefill call sizes where the options leave them unset (docs/design.md, "Batching"): on the
+# CPU every padded frame costs its full compute and batching buys little else; on a GPU a call's fixed
+# cost outweighs padding (H100, 512 jobs: ~2 s less in tower and prefill calls of a ~16 s drain,
+# docs/benchmarks.md).
+CALL_SIZES = {"cpu": {"encode_rows": 8, "prefill_tokens": 8_192, "padding_slack": 1.0},
+              "gpu": {"encode_rows": 64, "prefill_tokens": 32_768, "padding_slack": 4.0}}
 
 
 @dataclass(eq=False)
@@ -109,9 +115,7 @@ class Engine:
     - ``tower_buckets``: pad tower batches to ``shapes.tower_length`` (default: on MLX's CUDA
       backend, whose convolution plans are per shape; elsewhere padding only costs compute);
     - ``padding_slack``: a tower or prefill batch computes at most this many times what its
-      clips need (default: 1.0 on the CPU, where every padded frame costs its full compute and
-      batching buys nothing else; ``scheduler.PADDING_SLACK`` on a GPU, where a call's fixed
-      cost outweighs some padding);
+      clips need (these three default to the device's ``CALL_SIZES``);
     - ``join_rows`` / ``join_wait``: while rows run, new clips go in (tower, prefill) in groups
       of this many, or once the first has waited this long (``arrivals.py``; 1: each at once).
     """
@@ -119,12 +123,17 @@ class Engine:
     max_clip_seconds = MAX_SAMPLES / SAMPLE_RATE
 
     def __init__(self, model: LoadedModel, *, max_rows: int = 32, max_batch_tokens: int = 32_768,
-                 prefill_tokens: int = 8_192, encode_rows: int = 8, tower_buckets: bool | None = None,
-                 padding_slack: float | None = None, join_rows: int = 1, join_wait: float = 0.0):
+                 prefill_tokens: int | None = None, encode_rows: int | None = None,
+                 tower_buckets: bool | None = None, padding_slack: float | None = None, join_rows: int = 1,
+                 join_wait: float = 0.0):
         if model.audio_tower is None:
             raise AudioqError(FailureCode.MODEL_ERROR,
                               f"model {model.name} has no audio tower (its config.json has no "
                               "audio_config): use a Gemma 4 E2B or E4B checkpoint")
+        sizes = CALL_SIZES["cpu" if mx.default_device() == mx.cpu else "gpu"]
+        prefill_tokens = sizes["prefill_tokens"] if prefill_tokens is None else prefill_tokens
+        encode_rows = sizes["encode_rows"] if encode_rows is None else encode_rows
+        padding_slack = sizes["padding_slack"] if padding_slack is None else padding_slack
         check_limits(max_rows=max_rows, max_batch_tokens=max_batch_tokens, prefill_tokens=prefill_tokens,
                      encode_rows=encode_rows)
         self.model = model
@@ -136,8 +145,6 @@ class Engine:
         Arrivals(**self.join)  # refuses a bad policy now rather than in the first stream
         self.encode_rows = encode_rows
         self.tower_buckets = mx.cuda.is_available() if tower_buckets is None else tower_buckets
-        if padding_slack is None:
-            padding_slack = 1.0 if mx.default_device() == mx.cpu else PADDING_SLACK
         if not padding_slack >= 1.0:
             raise ValueError(f"padding_slack must be at least 1.0, not {padding_slack}")
         self.padding_slack = padding_slack

@@ -38,7 +38,6 @@ from producer.failures import AudioqError, FailureCode
 from worker.gemma4.decoder import Decoder
 from worker.gemma4.kv_batch import KVBatch
 
-PADDING_SLACK = 1.25  # a batched call may compute at most this much more than its rows need (on a GPU)
 HOLES_SHARE = 0.5  # compact the batch when this share of its rows are holes
 OOM_MARKERS = ("out of memory", "malloc]", "bad_alloc", "resource limit", "unable to allocate")
 
@@ -82,8 +81,7 @@ def check_limits(**limits: int) -> None:
             raise ValueError(f"{name} must be at least 1, not {value}")
 
 
-def pack(sizes: list[int], *, max_padded: int, max_count: int | None = None,
-         slack: float = PADDING_SLACK) -> list[list[int]]:
+def pack(sizes: list[int], *, max_padded: int, slack: float, max_count: int | None = None) -> list[list[int]]:
     """Indices of ``sizes`` in groups padded to their longest member, for one batched call.
 
     Shortest first; a group closes when adding the next size would make it hold more than
@@ -108,7 +106,7 @@ def pack(sizes: list[int], *, max_padded: int, max_count: int | None = None,
 
 class Scheduler:
     def __init__(self, decoder: Decoder, *, max_rows: int, max_batch_tokens: int, prefill_tokens: int,
-                 padding_slack: float = PADDING_SLACK):
+                 padding_slack: float):
         check_limits(max_rows=max_rows, max_batch_tokens=max_batch_tokens, prefill_tokens=prefill_tokens)
         self.decoder = decoder
         self.padding_slack = padding_slack
