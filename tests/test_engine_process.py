@@ -26,6 +26,7 @@ from worker_fixtures import (enqueue, fetch, long_tone, procs, start_worker, wai
 from producer import record
 from producer.failures import AudioqError, FailureCode
 from worker.engine_process import EngineLost, EngineProcess
+from worker.failures import HardTimeLimit
 from worker.gemma4.engine import ClipOutput, ClipRequest, Engine
 from worker.gemma4.features import clip_features
 
@@ -162,6 +163,36 @@ def test_a_stream_cut_by_an_exception_leaves_nothing_behind_for_the_next(remote,
     with pytest.raises(KeyboardInterrupt):
         run(remote, clips()[:4], feed_error=KeyboardInterrupt())
     assert [summary(o) for o in run(remote, clips())] == [summary(o) for o in run(local, clips())]
+
+
+@pytest.mark.parametrize("first, late", [(SystemExit, HardTimeLimit), (HardTimeLimit, SystemExit)])
+def test_a_signal_while_a_cut_stream_winds_down_never_hides_a_shutdown(checkpoint, local, first, late):
+    """A cut stream waits for the child to drop its rows. The batch's time-limit alarm firing during
+    a shutdown's wait must not turn the shutdown into one failed job and a worker that carries on;
+    a shutdown arriving during a time limit's wait wins. The child is stopped, so the wait is long."""
+    engine = EngineProcess(checkpoint, dict(max_rows=MAX_ROWS))
+
+    def alarm(signum, frame):
+        raise late()
+
+    def cut_at_generate(stage: str) -> None:
+        if stage == "generate":
+            os.kill(engine.process.pid, signal.SIGSTOP)
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            raise first()
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    try:
+        with pytest.raises(SystemExit):
+            run(engine, [ClipRequest(make_tone(2.0, seed=10)[:, 0], "Transcribe this audio.", 4000,
+                                     on_stage=cut_at_generate)])
+        os.kill(engine.process.pid, signal.SIGCONT)
+        assert [summary(o) for o in run(engine, clips())] == [summary(o) for o in run(local, clips())]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        os.kill(engine.process.pid, signal.SIGCONT)
+        engine.close()
 
 
 def test_an_engine_process_that_dies_is_reported_not_waited_for(checkpoint, tmp_path):

@@ -43,7 +43,7 @@ from tokenizers import Tokenizer
 
 from producer.failures import AudioqError, FailureCode
 from worker.engine_link import Link
-from worker.failures import classify
+from worker.failures import SHUTDOWN, classify
 from worker.gemma4.config import load_config
 from worker.gemma4.engine import ClipOutput, ClipRequest, DoneHook, Engine, Feed
 from worker.gemma4.features import clip_features
@@ -176,10 +176,16 @@ class EngineProcess:
             return run.drive()
         except EngineLost:
             raise
-        except BaseException:
+        except BaseException as first:
             if not run.over:
                 self._send({"op": "abort"})  # the child drops every row and ends the stream
-                run.until_ended()
+                try:
+                    run.until_ended()
+                except BaseException as late:  # a signal while the child winds down
+                    if isinstance(late, SHUTDOWN) and not isinstance(first, SHUTDOWN):
+                        raise  # a shutdown outranks what it interrupted
+                    # otherwise the first reason stands: the time limit's alarm firing during a
+                    # shutdown's wait must not turn the shutdown into a failed job and carry on
             raise
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from rq.exceptions import DeserializationError
 from rq.timeouts import JobTimeoutException
 
 MAX_MESSAGE = 300  # characters of an unexpected exception's text kept in the message
+SHUTDOWN = (SystemExit, KeyboardInterrupt)  # a cold shutdown, as RQ's signal handlers raise it in the main thread
 
 
 class HardTimeLimit(BaseException):

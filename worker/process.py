@@ -60,7 +60,7 @@ from producer.printable import printable
 from producer.settings import Settings
 from worker import orphans, reaper, registration, retry_schedule, task
 from worker.batch import Batch
-from worker.failures import failure_for
+from worker.failures import SHUTDOWN, failure_for
 from worker.engine_process import EngineLost, EngineProcess
 from worker.gemma4.engine import Engine
 from worker.job import AudioJob
@@ -422,7 +422,7 @@ class AudioWorker(SimpleWorker):
         else keeps RQ's full traceback log.
         """
         exc = exc_info[1]
-        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+        if isinstance(exc, SHUTDOWN):
             raise exc
         if isinstance(exc, JobFailed):
             self.log.warning("Worker %s: job %s failed: %s", self.name, job.id, exc)
