@@ -97,12 +97,13 @@ class Settings(BaseModel):
                                  "(one tower call and prefill), or once the first has waited batch_join_wait")
     batch_join_wait: float = Field(0.25, ge=0, description="seconds a clip waits at most for others to join with")
     batch_encode_clips: int | None = Field(None, ge=1, description="clips through the audio tower in one padded "
-                                           "call; unset: 8 on the CPU, 64 on a GPU")
+                                           "call; unset: 64 with CUDA, else 8")
     batch_prefill_tokens: int | None = Field(None, ge=1, description="padded prompt tokens prefilled in one call; "
-                                             "unset: 8192 on the CPU, 32768 on a GPU")
+                                             "unset: 32768 with CUDA, else 8192")
     batch_padding_slack: float | None = Field(None, ge=1.0, description="a tower or prefill call computes at most "
                                               "this many times what its clips need; unset: 1.0 on the CPU, "
-                                              "4.0 on a GPU (where a call's fixed cost outweighs padding)")
+                                              "1.25 on Metal, 4.0 with CUDA (where a call's fixed cost "
+                                              "outweighs padding)")
     engine_process: bool = Field(True, description="run the model in a child process, so its decode loop does not "
                                  "share an interpreter with the worker's queue and storage threads")
     redis_retry_max_wait: float = Field(2.0, gt=0, description="longest wait between reconnects while Redis is away")

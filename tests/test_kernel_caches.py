@@ -49,6 +49,6 @@ def cache_env_after_import(**environ: str) -> list[str]:
 
 def test_the_engine_turns_mlx_cache_thrashing_errors_off_unless_the_operator_chose():
     check, conv_cache = cache_env_after_import()
-    # room for a plan per convolution (two) of every bucketed tower shape a GPU's tower calls can have
-    assert (check, int(conv_cache)) == ("0", max(int(conv_cache), 2 * 36 * CALL_SIZES["gpu"]["encode_rows"]))
+    # room for a plan per convolution (two) of every bucketed tower shape CUDA's tower calls can have
+    assert (check, int(conv_cache)) == ("0", max(int(conv_cache), 2 * 36 * CALL_SIZES["cuda"]["encode_rows"]))
     assert cache_env_after_import(MLX_ENABLE_CACHE_THRASHING_CHECK="1", MLX_CUDA_CONV_CACHE_SIZE="64") == ["1", "64"]

@@ -6,7 +6,7 @@ life and raises "Cache thrashing is happening" into whatever runs once they pass
 cache's size, which a worker draining clips of every length for hours reaches however well
 its shapes are bucketed (``shapes.py``). With the check off, a miss costs a rebuilt plan,
 never a job; the larger convolution cache leaves room for the plans of every tower shape the
-buckets allow on a GPU (2 convolutions x 36 lengths x each row count up to 64 ``encode_rows``:
+buckets allow with CUDA (2 convolutions x 36 lengths x each row count up to 64 ``encode_rows``:
 4,608).
 """
 

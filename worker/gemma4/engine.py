@@ -47,11 +47,20 @@ from worker.gemma4.shapes import tower_length
 StageHook = Callable[[str], None]
 WARM_UP_SECONDS = (1.0, 2.5, 30.0, 7.0, 0.5)  # alone, then joining a running batch two at a time
 # Tower and prefill call sizes where the options leave them unset (docs/design.md, "Batching"): on the
-# CPU every padded frame costs its full compute and batching buys little else; on a GPU a call's fixed
+# CPU every padded frame costs its full compute and batching buys little else; with CUDA a call's fixed
 # cost outweighs padding (H100, 512 jobs: ~2 s less in tower and prefill calls of a ~16 s drain,
-# docs/benchmarks.md).
+# docs/benchmarks.md). Metal's are unmeasured: a Mac's GPU has a small fraction of an H100's compute, so
+# it keeps the modest padding the CUDA measurements first chose.
 CALL_SIZES = {"cpu": {"encode_rows": 8, "prefill_tokens": 8_192, "padding_slack": 1.0},
-              "gpu": {"encode_rows": 64, "prefill_tokens": 32_768, "padding_slack": 4.0}}
+              "cuda": {"encode_rows": 64, "prefill_tokens": 32_768, "padding_slack": 4.0},
+              "metal": {"encode_rows": 8, "prefill_tokens": 8_192, "padding_slack": 1.25}}
+
+
+def backend() -> str:
+    """Which ``CALL_SIZES`` apply: the default device's backend."""
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    return "cuda" if mx.cuda.is_available() else "metal"
 
 
 @dataclass(eq=False)
@@ -115,7 +124,7 @@ class Engine:
     - ``tower_buckets``: pad tower batches to ``shapes.tower_length`` (default: on MLX's CUDA
       backend, whose convolution plans are per shape; elsewhere padding only costs compute);
     - ``padding_slack``: a tower or prefill batch computes at most this many times what its
-      clips need (these three default to the device's ``CALL_SIZES``);
+      clips need (these three default to the backend's ``CALL_SIZES``);
     - ``join_rows`` / ``join_wait``: while rows run, new clips go in (tower, prefill) in groups
       of this many, or once the first has waited this long (``arrivals.py``; 1: each at once).
     """
@@ -130,7 +139,7 @@ class Engine:
             raise AudioqError(FailureCode.MODEL_ERROR,
                               f"model {model.name} has no audio tower (its config.json has no "
                               "audio_config): use a Gemma 4 E2B or E4B checkpoint")
-        sizes = CALL_SIZES["cpu" if mx.default_device() == mx.cpu else "gpu"]
+        sizes = CALL_SIZES[backend()]
         prefill_tokens = sizes["prefill_tokens"] if prefill_tokens is None else prefill_tokens
         encode_rows = sizes["encode_rows"] if encode_rows is None else encode_rows
         padding_slack = sizes["padding_slack"] if padding_slack is None else padding_slack
