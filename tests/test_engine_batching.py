@@ -260,6 +260,7 @@ def test_tower_batches_padded_to_shape_buckets_give_the_same_tokens(engine, wave
 def test_on_the_cpu_clips_of_different_lengths_are_not_padded_together(engine, waves, alone):
     """Padding costs its full compute on the CPU and buys nothing there: by default each length runs
     apart (one prefill each), while a GPU's slack pads them into one call."""
+    assert CALL_SIZES["cpu"]["padding_slack"] == 1.0
     assert Engine(engine.model).padding_slack == CALL_SIZES[backend()]["padding_slack"]
     clips = [ClipRequest(w, "Transcribe this audio.", NEW_TOKENS, tag=i) for i, w in enumerate(waves)]
     for slack, prefills in ((1.0, len(waves)), (PAD_ALL, 1)):

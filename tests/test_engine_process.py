@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -106,6 +107,29 @@ def test_frames_still_being_computed_in_the_worker_are_waited_for_not_computed_a
     assert summary(outcome) == summary(with_loud) != summary(with_quiet)
 
 
+def test_a_clip_waiting_for_its_frames_still_passes_its_check_point(remote):
+    """A job canceled (or out of time) while its clip waits in the worker for log-mel frames ends then,
+    not once the frames are done; its room is the next clip's."""
+    canceled = AudioqError(FailureCode.CANCELED, "canceled by the producer")
+
+    def cancel_at_front_end(stage: str) -> None:
+        if stage == "front_end":
+            raise canceled
+
+    late = Future()
+    timer = threading.Timer(5.0, lambda: late.set_result(clip_features(make_tone(5.0, seed=4)[:, 0])))
+    timer.start()
+    try:
+        started = time.monotonic()
+        waiting = ClipRequest(make_tone(5.0, seed=4)[:, 0], "Transcribe this audio.", 4, frames=late,
+                              on_stage=cancel_at_front_end)
+        outcome, after = run(remote, [waiting, clips()[1]])
+        assert outcome is canceled and isinstance(after, ClipOutput)
+        assert time.monotonic() - started < 4.0, "the canceled clip waited for its frames"
+    finally:
+        timer.cancel()
+
+
 def done(value) -> Future:
     future = Future()
     future.set_result(value)
@@ -169,7 +193,9 @@ def test_a_stream_cut_by_an_exception_leaves_nothing_behind_for_the_next(remote,
 def test_a_signal_while_a_cut_stream_winds_down_never_hides_a_shutdown(checkpoint, local, first, late):
     """A cut stream waits for the child to drop its rows. The batch's time-limit alarm firing during
     a shutdown's wait must not turn the shutdown into one failed job and a worker that carries on;
-    a shutdown arriving during a time limit's wait wins. The child is stopped, so the wait is long."""
+    a shutdown arriving during a time limit's wait wins. The child is stopped, so the wait is long,
+    and it resumes only once the next stream has begun: it ends the cut stream then, and the next
+    one runs as if nothing had happened."""
     engine = EngineProcess(checkpoint, dict(max_rows=MAX_ROWS))
 
     def alarm(signum, frame):
@@ -186,8 +212,13 @@ def test_a_signal_while_a_cut_stream_winds_down_never_hides_a_shutdown(checkpoin
         with pytest.raises(SystemExit):
             run(engine, [ClipRequest(make_tone(2.0, seed=10)[:, 0], "Transcribe this audio.", 4000,
                                      on_stage=cut_at_generate)])
-        os.kill(engine.process.pid, signal.SIGCONT)
-        assert [summary(o) for o in run(engine, clips())] == [summary(o) for o in run(local, clips())]
+        threading.Timer(0.5, os.kill, (engine.process.pid, signal.SIGCONT)).start()
+        following = {}
+        thread = threading.Thread(target=lambda: following.update(outcomes=run(engine, clips())), daemon=True)
+        thread.start()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the next stream never began: the child took its start for the cut one's"
+        assert [summary(o) for o in following["outcomes"]] == [summary(o) for o in run(local, clips())]
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)

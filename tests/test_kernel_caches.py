@@ -13,7 +13,7 @@ import sys
 
 from worker.gemma4.engine import CALL_SIZES
 from worker.gemma4.features import MAX_SAMPLES, SAMPLE_RATE
-from worker.gemma4.shapes import tower_length
+from worker.gemma4.shapes import RUNGS, tower_length
 
 EVERY_LENGTH = range(1, MAX_SAMPLES + 1, 37)  # every length a clip can have, sampled finely
 
@@ -49,6 +49,7 @@ def cache_env_after_import(**environ: str) -> list[str]:
 
 def test_the_engine_turns_mlx_cache_thrashing_errors_off_unless_the_operator_chose():
     check, conv_cache = cache_env_after_import()
+    assert check == "0"
     # room for a plan per convolution (two) of every bucketed tower shape CUDA's tower calls can have
-    assert (check, int(conv_cache)) == ("0", max(int(conv_cache), 2 * 36 * CALL_SIZES["cuda"]["encode_rows"]))
+    assert int(conv_cache) >= 2 * len(RUNGS) * CALL_SIZES["cuda"]["encode_rows"]
     assert cache_env_after_import(MLX_ENABLE_CACHE_THRASHING_CHECK="1", MLX_CUDA_CONV_CACHE_SIZE="64") == ["1", "64"]

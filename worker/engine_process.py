@@ -181,11 +181,14 @@ class EngineProcess:
                 self._send({"op": "abort"})  # the child drops every row and ends the stream
                 try:
                     run.until_ended()
-                except BaseException as late:  # a signal while the child winds down
-                    if isinstance(late, SHUTDOWN) and not isinstance(first, SHUTDOWN):
-                        raise  # a shutdown outranks what it interrupted
+                except BaseException as late:  # a signal while the child winds down, or the child gone
+                    if isinstance(late, (*SHUTDOWN, EngineLost)) and not isinstance(first, SHUTDOWN):
+                        raise  # a shutdown outranks what it interrupted; a lost engine is the worker's end
                     # otherwise the first reason stands: the time limit's alarm firing during a
-                    # shutdown's wait must not turn the shutdown into a failed job and carry on
+                    # shutdown's wait must not turn the shutdown into a failed job and carry on (the
+                    # child ends the old stream when the next one starts)
+                    log.warning("stopped waiting for the engine process to end a cut stream (%s: %s); "
+                                "going on with %s", type(late).__name__, late, type(first).__name__)
             raise
 
     def close(self) -> None:
@@ -253,14 +256,22 @@ class _Stream:
     def send_ready(self) -> None:
         """Send the held clips whose frames are done (a ready clip may pass one still waiting). A clip
         whose frames were never begun, failed or were cancelled goes as it is: the child computes
-        them (or fails the clip as the engine would). If the stream is cut while clips are held,
-        they get no outcome, as clips not yet admitted in-process: the batch resolves their jobs."""
+        them (or fails the clip as the engine would). A clip still waiting passes its ``front_end``
+        check point, as in-process, so a job canceled or out of time meanwhile ends now, not once
+        its frames are done. If the stream is cut while clips are held, they get no outcome, as
+        clips not yet admitted in-process: the batch resolves their jobs."""
         waiting = []
         for clip in self.held:
-            if clip.frames is not None and not clip.frames.done():
-                waiting.append(clip)
-            else:
+            if clip.frames is None or clip.frames.done():
                 self.send(clip)
+                continue
+            try:
+                if clip.on_stage is not None:
+                    clip.on_stage("front_end")
+            except Exception as exc:
+                self.on_done(clip, exc)
+                continue
+            waiting.append(clip)
         self.held = waiting
 
     def send(self, clip: ClipRequest) -> None:
@@ -321,6 +332,7 @@ class _Served:
         self.done: list[list] = []
         self.released = 0  # dropped clips that hold nothing here any more
         self.last: tuple[int, int] | None = None  # (free, released) as last reported
+        self.following: dict | None = None  # the next stream's start, read while this one wound down
 
     def run(self) -> None:
         stats = self.engine.stream(self.feed, self.on_done)
@@ -338,7 +350,7 @@ class _Served:
         return taken
 
     def read(self, block: bool) -> None:
-        while True:
+        while self.following is None:  # what comes after the next stream's start is that stream's
             try:
                 header, arrays = self.inbox.get(block=block)
             except queue.Empty:
@@ -363,11 +375,13 @@ class _Served:
             self.dropped |= running
             self.released += len(header["keys"]) - len(running)
             self.backlog = deque(c for c in self.backlog if c.tag not in header["keys"])
-        elif op in ("end", "abort"):
+        elif op in ("end", "abort", "stream"):
             self.ended = True
-            if op == "abort":
+            if op != "end":  # the worker left this stream: an abort, or it stopped waiting for the abort's end
                 self.dropped |= self.running
                 self.backlog.clear()
+            if op == "stream":
+                self.following = header
 
     def hook(self, key: int):
         def on_stage(stage: str) -> None:
@@ -420,12 +434,16 @@ def serve(link: Link, path: str, options: dict[str, Any]) -> None:
         link.send({"op": "failed", "code": error.code.value, "message": error.message})
         return
     link.send({"op": "ready"})
+    following = None
     while True:
-        header, _ = inbox.get()
+        header = following or inbox.get()[0]
+        following = None
         if header["op"] == "warm_up":
             link.send({"op": "warmed", "seconds": engine.warm_up()})
         elif header["op"] == "stream":
-            _Served(engine, link, inbox, header["stream"]).run()
+            served = _Served(engine, link, inbox, header["stream"])
+            served.run()
+            following = served.following
         # anything else belongs to a stream that has ended (an abort that crossed its end): nothing to do
 
 
