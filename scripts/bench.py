@@ -114,9 +114,9 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
                        stderr=subprocess.STDOUT, check=True)
     text = log_path.read_text()
     memory = json.loads(text.rsplit("BENCH-WORKER ", 1)[1].splitlines()[0])
-    batches = [(int(n), float(wall), float(out)) for n, wall, out, _ in BATCH_LINE.findall(text)]
+    batches = BATCH_LINE.findall(text)
     engine_totals: dict[str, float] = {}  # the engine's own (Engine.stream's totals), summed over batches
-    for *_, totals in BATCH_LINE.findall(text):
+    for *_, totals in batches:
         for name, value in (item.rsplit(" ", 1) for item in totals.split(", ") if " " in item):
             engine_totals[name] = (max if name.startswith("peak") else sum)((engine_totals.get(name, 0), float(value)))
     if "peak_mlx_memory_mb" in engine_totals:  # the engine process's own (the worker's is not the model's)
@@ -130,7 +130,7 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
     first = min(j.started_at for j in jobs)
     last = max(j.ended_at for j in jobs)
     wall = (last - first).total_seconds()
-    in_engine = sum(b_wall - out for _, b_wall, out in batches)
+    in_engine = sum(float(b_wall) - float(out) for _, b_wall, out, _ in batches)
     audio = sum(r.audio_seconds for r in results)
     tokens = sum(r.tokens for r in results)
     return {
@@ -141,7 +141,8 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
         "audio_seconds_per_wall_second": audio / wall, "tokens_per_second": tokens / wall,
         "stage_seconds": {s: sum(r.timings.get(s, 0.0) for r in results) for s in STAGES},
         "queue_storage_overhead": max(0.0, wall - in_engine) / wall,
-        "engine_totals": engine_totals, "batches": len(batches), "warm_up_seconds": float(WARM_UP_LINE.search(text).group(1)), **memory,
+        "engine_totals": engine_totals, "batches": len(batches),
+        "warm_up_seconds": float(WARM_UP_LINE.search(text).group(1)), **memory,
     }
 
 
