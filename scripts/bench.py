@@ -12,9 +12,10 @@ them through the producer (``Client.enqueue_many``), and drains the backlog with
 ``audioq worker`` subprocess per ``--batch`` value (``batch_max_jobs``; 1 is "batching off").
 For each it prints audio seconds per wall second, generated tokens per second, the per-stage
 split (summed over jobs), queue + storage overhead (the share of the backlog's wall time the
-engine was not running: between the first job's start and the last job's end, minus the
-time the worker's batches spent inside ``Engine.stream``), warm-up, and the worker's peak
-RSS and MLX memory. Without ``--model`` it builds a random checkpoint of ``--preset``
+engine was idle: between the first job's start and the last job's end, minus the time the
+worker's batches ran the engine, which is their time inside ``Engine.stream`` less the
+engine loop's own time in the worker's ``feed`` and ``on_done``: in an engine process, the
+child's waits for clips), warm-up, and the worker's peak RSS and MLX memory. Without ``--model`` it builds a random checkpoint of ``--preset``
 (default ``e2b-audio``: the real audio-tower dimensions), mlx layout.
 
 With ``--peer-python`` (a separate venv with mlx-vlm 0.7.10, never an audioq dependency) it

@@ -85,6 +85,9 @@ def bench_batch(engine: Engine, clips: list[np.ndarray], max_new_tokens: int, re
                      "decode_tok_s": run["tokens"] / run["decode"],
                      "front_end": run["front_end"], "audio_tower": run["audio_tower"],
                      "prefill": run["prefill"], "decode": run["decode"], "peak_rows": run["peak_rows"],
+                     "steps": run["steps"], "step_ms": 1000 * run["decode"] / max(run["steps"], 1),
+                     "wait_ms": 1000 * run["decode_wait"] / max(run["steps"], 1), "placed": run["placed"],
+                     "appends": run["appends"], "compactions": run["compactions"],
                      "peak_mlx_memory_mb": run["peak_mlx_memory_mb"]})
     result = {"clips": len(clips), "audio_seconds": audio, **medians(runs), "first_wall": first["wall"],
               "first_audio_tower": first["audio_tower"], "one_at_a_time_audio_s_per_s": math.nan,
@@ -112,6 +115,8 @@ BATCH_COLUMNS = [  # title, width, cell template over one result
     ("alone s/s", 9, "{one_at_a_time_audio_s_per_s:.1f}"), ("x", 5, "{speedup:.1f}"),
     ("tok/s", 8, "{decode_tok_s:.0f}"), ("front s", 7, "{front_end:.2f}"), ("tower s", 7, "{audio_tower:.2f}"),
     ("prefill s", 9, "{prefill:.2f}"), ("decode s", 8, "{decode:.2f}"), ("rows", 4, "{peak_rows:.0f}"),
+    ("steps", 5, "{steps:.0f}"), ("ms/step", 7, "{step_ms:.1f}"), ("wait ms", 7, "{wait_ms:.1f}"),
+    ("placed", 6, "{placed:.0f}"), ("appends", 7, "{appends:.0f}"), ("compact", 7, "{compactions:.0f}"),
     ("1st wall", 8, "{first_wall:.2f}"), ("1st tower", 9, "{first_audio_tower:.2f}"),
     ("peak MB", 8, "{peak_mlx_memory_mb:.0f}"),
 ]

@@ -116,7 +116,6 @@ class Batch:
         self.armed = False  # the hard time limit's timer is set
         self.backoff = Backoff(self.settings.redis_retry_max_wait)
         self.taking_again_at = 0.0
-        self.outside = 0.0  # seconds the main thread spent in feed and on_done: the engine's idle time
         self.shared_at = time.monotonic()  # when time was last charged to the held jobs (share_time)
         self.pool = ThreadPoolExecutor(max_workers=self.settings.prefetch_threads, thread_name_prefix="audioq-prefetch")
         self.records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audioq-records")
@@ -130,15 +129,19 @@ class Batch:
         """Run the first job and every job taken while it runs, until none is held and none is waiting."""
         started = time.perf_counter()
         totals: dict[str, float] = {}
+        streamed = 0.0  # seconds inside the engine's streams
         try:
             self.hold(job, queue, execution)
             while self.held or self.claiming is not None:
+                entered = time.perf_counter()
                 try:
                     for key, value in self.engine.stream(self.feed, self.on_done).items():  # summed; peaks: the max
                         totals[key] = (max if key.startswith("peak") else sum)((totals.get(key, 0), value))
                 except HardTimeLimit as exc:  # the alarm fired inside the engine's work
                     self.disarm()
                     self.hard_limit_reached(exc)
+                finally:
+                    streamed += time.perf_counter() - entered
         except BaseException:  # a cold shutdown (SystemExit, KeyboardInterrupt), or a fault of the worker's own
             self.disarm()
             self.abandon()
@@ -147,8 +150,12 @@ class Batch:
             self.disarm()
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.drain_records()
+        wall = time.perf_counter() - started
+        # the engine's idle time: outside its streams, and inside them its loop's time in feed and on_done
+        # (``Engine.stream``'s "outside"; in an engine process that is the child's waits for clips, while
+        # this thread's own work overlaps the child's)
         log.info("batch: %d jobs in %.3f s, %.3f s of it outside the engine (queues, storage, records); engine: %s",
-                 self.claims, time.perf_counter() - started, self.outside,
+                 self.claims, wall, wall - streamed + totals.get("outside", 0.0),
                  ", ".join(f"{k} {v:.3g}" for k, v in sorted(totals.items())))
 
     def drain_records(self) -> None:
@@ -171,11 +178,9 @@ class Batch:
         """
         self.disarm()
         self.share_time()
-        entered = time.perf_counter()
         try:
             return self.next_clips(free)
         finally:
-            self.outside += time.perf_counter() - entered
             self.arm()
 
     def next_clips(self, free: int) -> list[ClipRequest]:
@@ -197,11 +202,9 @@ class Batch:
     def on_done(self, clip: ClipRequest, outcome: ClipOutput | BaseException) -> None:
         self.disarm()
         self.share_time()
-        entered = time.perf_counter()
         try:
             self.take_back(clip, outcome)
         finally:
-            self.outside += time.perf_counter() - entered
             self.arm()
 
     def take_back(self, clip: ClipRequest, outcome: ClipOutput | BaseException) -> None:

@@ -328,16 +328,18 @@ class Engine:
 
         ``limits`` override the engine's ``max_rows`` / ``max_batch_tokens`` / ``prefill_tokens``
         for this stream; ``stop_ids`` the checkpoint's stop ids (``()``: every clip spends its
-        budget, as benchmarks want). Returns the stream's totals (``Scheduler.stats`` plus
-        front-end and tower seconds). An exception raised by ``feed`` or ``on_done`` ends
-        the stream and goes to the caller.
+        budget, as benchmarks want). Returns the stream's totals (``Scheduler.stats``, front-end
+        and tower seconds, and ``outside``: seconds in ``feed`` and ``on_done``). An exception
+        raised by ``feed`` or ``on_done`` ends the stream and goes to the caller.
         """
         scheduler = self._scheduler(limits)
         stop = self._stop(stop_ids)
         arrivals: Arrivals[ClipRequest] = Arrivals(**self.join)
 
         def rows(free: int) -> list[Row] | None:
+            started = time.perf_counter()
             clips = list(feed(max(free - len(arrivals.pending), 0)))
+            scheduler.stats["outside"] += time.perf_counter() - started
             arrivals.add(clips)
             ready = arrivals.take(running=bool(scheduler.rows), room=free)
             if ready:
@@ -345,14 +347,18 @@ class Engine:
             return [] if arrivals.pending else None
 
         def finish(row: Row, outcome: list[int] | BaseException) -> None:
-            on_done(row.owner, outcome if isinstance(outcome, BaseException) else self._output(row))
+            result = outcome if isinstance(outcome, BaseException) else self._output(row)
+            started = time.perf_counter()
+            on_done(row.owner, result)
+            scheduler.stats["outside"] += time.perf_counter() - started
 
         scheduler.run(rows, finish)
         return scheduler.stats
 
     def _scheduler(self, limits: dict[str, int]) -> Scheduler:
         scheduler = Scheduler(self.decoder, **{**self.limits, **limits}, padding_slack=self.padding_slack)
-        scheduler.stats.update(front_end=0.0, audio_tower=0.0, towers=0)  # towers: tower calls
+        # towers: tower calls; outside: seconds in the caller's feed and on_done (its waits for clips included)
+        scheduler.stats.update(front_end=0.0, audio_tower=0.0, towers=0, outside=0.0)
         return scheduler
 
     def _stop(self, stop_ids: tuple[int, ...] | None) -> frozenset[int]:

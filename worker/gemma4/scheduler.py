@@ -119,9 +119,11 @@ class Scheduler:
         self.token: mx.array | None = None  # the next input of every running row, not yet read
         # totals for benchmarks, logs and callers: seconds in prefill and decode, rows, prefill calls, steps, tokens read
         # peak_cache_tokens: the most rows x columns the KV cache held (holes included); placed: rows that
-        # joined into holes
-        self.stats: dict[str, float] = dict(prefill=0.0, decode=0.0, rows=0, prefills=0, tokens=0, steps=0,
-                                            peak_rows=0, peak_cache_tokens=0, out_of_memory=0, placed=0)
+        # joined into holes; appends / compactions: joins and hole drops that copied the whole cache;
+        # decode_wait: the part of decode spent waiting for the device's tokens (the rest is the host's)
+        self.stats: dict[str, float] = dict(prefill=0.0, decode=0.0, decode_wait=0.0, rows=0, prefills=0,
+                                            tokens=0, steps=0, peak_rows=0, peak_cache_tokens=0, out_of_memory=0,
+                                            placed=0, appends=0, compactions=0)
 
     @property
     def running(self) -> list[Row]:
@@ -235,6 +237,7 @@ class Scheduler:
             return
         self._compact()  # extending copies the whole cache anyway: the holes left go now
         self.batch.extend(batch)
+        self.stats["appends"] += 1
         self.rows = self.rows + live
         self.token = mx.concatenate([self.token, first])
 
@@ -284,7 +287,9 @@ class Scheduler:
             if any(len(r.tokens) + 1 < r.budget for r in running):
                 following = mx.argmax(self.decoder.step(self.token, self.batch), axis=-1)
                 mx.async_eval(following)
+            waited = time.perf_counter()
             values = self.token.tolist()
+            self.stats["decode_wait"] += time.perf_counter() - waited
         except Exception as exc:
             if not is_out_of_memory(exc):  # the step itself is broken: its rows fail, the stream goes on
                 self._clear()
@@ -342,6 +347,7 @@ class Scheduler:
             return
         self.rows = [self.rows[i] for i in kept]
         self.batch.keep(kept)
+        self.stats["compactions"] += 1
         if self.token is not None:
             self.token = self.token[mx.array(kept)]
 
