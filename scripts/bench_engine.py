@@ -9,7 +9,9 @@ times of each clip (the median of ``--repeat`` runs), decode tokens/s.
 
 Batched (``--batch B ...``): for each B, B clips as one ``Engine.stream`` — equal 10 s
 clips, and mixed lengths 2–30 s (fixed seeds) — with audio seconds per wall second, decode
-tokens/s, the per-stage split of the stream and MLX's peak memory during it (median of
+tokens/s, the per-stage split of the stream, its decode steps (ms a step, and of that the
+wait for the device's tokens), the rows that joined into holes and the joins and hole drops
+that copied the whole cache, and MLX's peak memory during it (median of
 ``--repeat`` runs, after a first run whose wall and tower seconds are printed too: the
 cost of shapes met for the first time), and the same clips one at a time for the ratio
 (``--no-alone`` skips that).

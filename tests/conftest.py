@@ -85,6 +85,28 @@ def make_tone(seconds: float, sr: int = 16000, freq: float = 440.0, channels: in
     return np.repeat(wave[:, None], channels, axis=1).astype(np.float32)
 
 
+class OutOfMemoryOnce:
+    """A real part of the model that runs out of memory once, on its first call that ``refuses``.
+
+    MLX's memory limit is not enforced on the CPU, so the part itself raises what MLX raises
+    there when an allocation fails; every other call is the real one.
+    """
+
+    def __init__(self, part, refuses):
+        self.part = part
+        self.refuses = refuses
+        self.failures = 0
+
+    def __call__(self, *args, **kwargs):
+        if not self.failures and self.refuses(*args, **kwargs):
+            self.failures += 1
+            raise MemoryError("out of memory: the batch does not fit (injected)")
+        return self.part(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.part, name)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Factory: a random-weight checkpoint with the real architecture, built once per kind."""

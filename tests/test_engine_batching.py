@@ -9,13 +9,14 @@ Budgets ignore stop ids where the comparison needs long outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import make_tone
+from conftest import OutOfMemoryOnce, make_tone
 from producer.failures import AudioqError, FailureCode
 from producer.settings import Settings
 from worker.gemma4.attention import decode_attention
@@ -380,3 +381,44 @@ def test_a_prompt_the_model_refuses_fails_alone_in_its_prefill_group(engine, pro
     outputs = engine.generate([good, short, good], NEW_TOKENS, stop_ids=())
     assert isinstance(outputs[1], AudioqError) and outputs[1].code == FailureCode.MODEL_ERROR
     assert [outputs[0], outputs[2]] == [alone[1], alone[1]]
+
+
+def test_a_tower_batch_that_runs_out_of_memory_is_split_and_fails_no_clip(engine, waves, alone):
+    """As a prefill group is: only a clip whose tower does not fit alone gets the error."""
+    tower = OutOfMemoryOnce(engine.model.audio_tower, lambda features, mask: features.shape[0] > 1)
+    splitting = Engine(dataclasses.replace(engine.model, audio_tower=tower), padding_slack=PAD_ALL)
+    clips = [ClipRequest(w, "Transcribe this audio.", NEW_TOKENS, tag=i) for i, w in enumerate(waves)]
+    outputs = {}
+    stats = splitting.stream(feeder(clips), lambda clip, out: outputs.__setitem__(clip.tag, out), stop_ids=())
+    assert tower.failures == 1 and stats["out_of_memory"] == 1
+    assert [outputs[i].tokens for i in range(len(waves))] == alone[:len(waves)]
+
+
+def test_a_prefill_that_does_not_fit_beside_running_rows_waits_for_them_to_leave(engine, waves):
+    """A row alone in its prefill group is not alone on the device: it runs once the running row has
+    left, as rows sent back by a decode step that did not fit do, instead of failing model_error."""
+    waiting = Engine(engine.model)
+    running = set()
+    waiting.decoder.prefill = OutOfMemoryOnce(waiting.decoder.prefill, lambda *args, **kwargs: bool(running))
+    long = ClipRequest(waves[1], "Transcribe this audio.", 24, tag="long")
+    late = ClipRequest(waves[1], "Transcribe this audio.", 4, tag="late")
+    feeds, outcomes = [], {}
+
+    def feed(free):
+        feeds.append(free)
+        if len(feeds) == 1:
+            return [long]
+        if len(feeds) == 3:  # the long row decodes: it holds the device
+            running.add("long")
+            return [late]
+        return []
+
+    def on_done(clip, outcome):
+        outcomes[clip.tag] = outcome
+        running.discard(clip.tag)
+
+    stats = waiting.stream(feed, on_done, stop_ids=())
+    assert waiting.decoder.prefill.failures == 1 and stats["out_of_memory"] == 1
+    assert len(outcomes["long"].tokens) == 24
+    prompt = engine.prompt(ClipRequest(waves[1], "Transcribe this audio.", 4))
+    assert outcomes["late"].tokens == engine.generate([prompt], 4, stop_ids=())[0]

@@ -9,13 +9,14 @@ engine while the test looks at the others.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
 
 import pytest
 import redis
-from conftest import make_tone
+from conftest import OutOfMemoryOnce, make_tone
 from demo import AofRedis
 from rq import Queue, SimpleWorker
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
@@ -147,6 +148,22 @@ def test_jobs_waiting_in_a_batch_past_the_hard_time_limit_are_not_taken_for_lost
     for job in jobs:
         assert job.get_status() == "finished" and len(job.results()) == 1
         assert record.META_LOST not in job.get_meta() and job.get_meta()[record.META_ATTEMPT] == 1
+
+
+def test_a_tower_batch_that_runs_out_of_memory_fails_no_job(redis_url, redis_conn, engine, tmp_path):
+    """Both chunks of a long job share a tower call that runs out of memory: the job still finishes
+    (one at a time, each chunk would have come back alone to a worker that then saw one row in the
+    engine and failed it)."""
+    from worker.gemma4.engine import Engine
+
+    tower = OutOfMemoryOnce(engine.model.audio_tower, lambda features, mask: features.shape[0] > 1)
+    splitting = Engine(dataclasses.replace(engine.model, audio_tower=tower), padding_slack=8.0)
+    path = write_wav(tmp_path / "tone.wav", make_tone(16.0, seed=3), subtype="FLOAT")
+    job = enqueue(redis_conn, {"audio_uri": path.as_uri(), "max_new_tokens": 4})
+    run_burst(worker_settings(redis_url, max_chunk_seconds=8.0, min_chunk_seconds=3.0), splitting)
+    job = fetch(redis_conn, job.id)
+    assert tower.failures == 1
+    assert job.get_status() == "finished", job.get_meta().get(record.META_FAILURE)
 
 
 def test_a_worker_sigkilled_mid_batch_loses_none_of_its_jobs(redis_url, redis_conn, model, requests, tmp_path,

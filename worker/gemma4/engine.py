@@ -41,7 +41,7 @@ from worker.gemma4.features import (MAX_SAMPLES, SAMPLE_RATE, audio_token_count,
 from worker.gemma4.loader import LoadedModel, load_model
 from worker.gemma4.projector import valid_rows
 from worker.gemma4.prompt import PromptBuilder
-from worker.gemma4.scheduler import Row, Scheduler, check_limits, pack
+from worker.gemma4.scheduler import Row, Scheduler, check_limits, is_out_of_memory, pack
 from worker.gemma4.shapes import tower_length
 
 StageHook = Callable[[str], None]
@@ -205,6 +205,25 @@ class Engine:
         mx.eval(per_clip)
         return per_clip
 
+    def _tower_split(self, features: mx.array, mask: mx.array, stats: dict[str, float]
+                     ) -> list[mx.array | BaseException]:
+        """Each clip's soft-token rows, or the reason it has none. A batch that runs out of memory is
+        split in halves and retried, as a prefill group is, so only a clip that does not fit alone
+        fails for memory (the batch's clips would otherwise all fail at once, and a worker retries
+        a clip only while other rows share the engine with it)."""
+        stats["towers"] += 1
+        try:
+            return self._tower(features, mask)
+        except Exception as exc:
+            clips = features.shape[0]
+            if clips == 1 or not is_out_of_memory(exc):
+                return [exc] * clips
+            mx.clear_cache()
+            stats["out_of_memory"] += 1
+            half = clips // 2
+            return (self._tower_split(features[:half], mask[:half], stats)
+                    + self._tower_split(features[half:], mask[half:], stats))
+
     def _audio_dtype(self) -> mx.Dtype:
         return self.model.audio_tower.output_proj.weight.dtype
 
@@ -262,19 +281,16 @@ class Engine:
             index = mx.array(live)
             features, mask = features[index], mask[index]
         started = time.perf_counter()
-        try:
-            encoded = self._tower(features, mask)
-        except Exception as exc:
-            for i in live:
-                on_done(group[i][0], exc)
-            return []
+        encoded = self._tower_split(features, mask, stats)
         tower = time.perf_counter() - started
         stats["front_end"] += front_end
         stats["audio_tower"] += tower
-        stats["towers"] += 1
         rows = []
         for i, audio in zip(live, encoded):
             clip, count = group[i]
+            if isinstance(audio, BaseException):
+                on_done(clip, audio)
+                continue
             if audio.shape[0] != count:
                 on_done(clip, AudioqError(FailureCode.MODEL_ERROR,
                                           f"encoder gave {audio.shape[0]} audio rows, expected {count}"))

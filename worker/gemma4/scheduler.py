@@ -19,9 +19,10 @@ grows with its rows (docs/design.md, "Batching").
 
 Running out of device memory fails nothing: a group whose prefill does not fit is split
 in halves and retried (so is a group the model refuses, so that the row at fault fails
-alone); a decode step that does not fit sends every running row back to the waiting line
-(prompt plus the tokens it has so far, re-prefilled later) and halves the row limit. Only
-a row that does not fit even alone fails (``model_error``).
+alone), and a row that does not fit beside the running rows waits, first in line, until
+one of them has left; a decode step that does not fit sends every running row back to the
+waiting line (prompt plus the tokens it has so far, re-prefilled later) and halves the row
+limit. Only a row that does not fit even alone on the device fails (``model_error``).
 """
 
 from __future__ import annotations
@@ -200,6 +201,9 @@ class Scheduler:
             if is_out_of_memory(exc):
                 mx.clear_cache()
                 self.stats["out_of_memory"] += 1
+                if len(live) == 1 and self.running:  # alone in its group, not on the device: it waits
+                    self._wait_for_room(live[0])
+                    return
                 exc = AudioqError(FailureCode.MODEL_ERROR, f"out of device memory prefilling one prompt "
                                   f"of {len(live[0].ids)} tokens alone: {exc}")
             if len(live) == 1:
@@ -217,6 +221,12 @@ class Scheduler:
             row.timings["prefill"] = row.timings.get("prefill", 0.0) + seconds
             row.joined = row.joined or time.perf_counter()
         self._join(live, first, batch, finish)
+
+    def _wait_for_room(self, row: Row) -> None:
+        """A row whose prefill did not fit beside the running rows waits, first in line, until one of them has
+        left (no more rows than run now are admitted): it fails only if it does not fit with none."""
+        self.waiting.appendleft(row)
+        self.max_rows = len(self.running)
 
     def _join(self, live: list[Row], first: mx.array, batch: KVBatch, finish: Finish) -> None:
         """Prefilled rows join the running batch: into holes where they fit, appended otherwise."""
