@@ -21,7 +21,7 @@ from producer.failures import AudioqError, FailureCode
 from producer.settings import Settings
 from worker.gemma4.attention import decode_attention
 from worker.gemma4.engine import CALL_SIZES, ClipRequest, Engine, Prompt, backend
-from worker.gemma4.scheduler import Row, Scheduler
+from worker.gemma4.scheduler import RECOVERY_STEPS, Row, Scheduler
 from worker.process import engine_options
 
 SECONDS = [0.3, 1.3, 4.0, 11.0, 30.0]
@@ -78,6 +78,11 @@ def test_rows_joining_mid_flight_decode_as_they_do_alone(engine, prompts, alone)
     twice = prompts + [prompts[2]]  # the same prompt, joining at another step
     joins = [0, 3, 5, 9, 1, 2, 11]
     assert engine.generate(twice, NEW_TOKENS, stop_ids=(), joins=joins) == alone + [alone[2]]
+
+
+def test_a_row_due_after_every_running_row_has_ended_still_runs(engine, prompts, alone):
+    """A join step the batch never reaches (its rows end first) holds nothing back for ever."""
+    assert engine.generate(prompts[:2], [3, NEW_TOKENS], stop_ids=(), joins=[0, 10]) == [alone[0][:3], alone[1]]
 
 
 def test_rows_joining_where_others_left_decode_as_they_do_alone(engine, prompts, alone):
@@ -422,3 +427,40 @@ def test_a_prefill_that_does_not_fit_beside_running_rows_waits_for_them_to_leave
     assert len(outcomes["long"].tokens) == 24
     prompt = engine.prompt(ClipRequest(waves[1], "Transcribe this audio.", 4))
     assert outcomes["late"].tokens == engine.generate([prompt], 4, stop_ids=())[0]
+
+
+def test_a_row_limit_lowered_by_a_step_that_did_not_fit_doubles_back_once_steps_fit(engine, waves):
+    """Four rows of a long budget; the first step of four does not fit: two run, and after
+    RECOVERY_STEPS steps that fit the other two join them rather than waiting for them to end."""
+    recovering = Engine(engine.model, max_rows=4)
+    recovering.decoder.step = OutOfMemoryOnce(recovering.decoder.step, lambda tokens, batch: tokens.shape[0] > 2)
+    budget = RECOVERY_STEPS + 150
+    clips = [ClipRequest(waves[1], "Transcribe this audio.", budget, tag=i) for i in range(4)]
+    outputs = {}
+    stats = recovering.stream(feeder(clips), lambda clip, out: outputs.__setitem__(clip.tag, out), stop_ids=())
+    assert recovering.decoder.step.failures == 1 and stats["out_of_memory"] == 1
+    assert stats["steps"] < 2 * budget - 100  # waiting for the first two to end would take 2 x budget
+    prompt = engine.prompt(ClipRequest(waves[1], "Transcribe this audio.", budget))
+    assert [outputs[i].tokens for i in range(4)] == [engine.generate([prompt], budget, stop_ids=())[0]] * 4
+
+
+def test_a_lasting_memory_shortage_fails_no_row_and_is_retried_less_and_less(engine, waves, alone):
+    """Every step of more than two rows runs out of memory: the limit is raised back and lowered
+    again, each raise waiting twice as long as the last, and every row still gets its tokens."""
+    short = Engine(engine.model, max_rows=4)
+
+    def step(tokens, batch, real=short.decoder.step):
+        if tokens.shape[0] > 2:
+            raise MemoryError("out of memory: more than two rows never fit (injected)")
+        return real(tokens, batch)
+
+    short.decoder.step = step
+    budget = 5 * RECOVERY_STEPS // 2
+    clips = [ClipRequest(waves[1], "Transcribe this audio.", budget, tag=i) for i in range(4)]
+    outputs = {}
+    stats = short.stream(feeder(clips), lambda clip, out: outputs.__setitem__(clip.tag, out), stop_ids=())
+    # at the start, and when raised after 256 steps; the next raise waits 512, by when the first two
+    # rows have ended (raised after 256 again, the last two would have joined them and failed a third time)
+    assert stats["out_of_memory"] == 2
+    prompt = engine.prompt(ClipRequest(waves[1], "Transcribe this audio.", budget))
+    assert [outputs[i].tokens for i in range(4)] == [engine.generate([prompt], budget, stop_ids=())[0]] * 4

@@ -457,7 +457,7 @@ class AudioWorker(SimpleWorker):
                     return result
                 if self.swept_lost_jobs():
                     continue
-                if not self.retries_due_soon():
+                if not self.work_coming():
                     return None
             except AWAY as exc:  # AudioQueue put a half-read job back
                 time.sleep(self.backoff.failed(exc, "waiting for jobs"))
@@ -515,10 +515,15 @@ class AudioWorker(SimpleWorker):
             return {}
         return meta if isinstance(meta, dict) else {}
 
-    def retries_due_soon(self) -> bool:
-        """Whether a job in this worker's queues is scheduled within the longest retry backoff."""
+    def work_coming(self) -> bool:
+        """Whether a job in this worker's queues is scheduled within the longest retry backoff, or back on
+        a queue already: the maintenance thread may have moved a due retry there since the dequeue
+        found the queues empty (a burst worker quit with it queued). The registry is read first: a
+        move between the two reads then shows in the second."""
         horizon = current_timestamp() + max(self.settings.storage_retry_backoff, default=0) + 2 * TICK
-        return any(self.connection.zcount(q.scheduled_job_registry.key, "-inf", horizon) for q in self.queues)
+        if any(self.connection.zcount(q.scheduled_job_registry.key, "-inf", horizon) for q in self.queues):
+            return True
+        return any(q.count for q in self.queues)
 
 
 def engine_options(settings: Settings) -> dict:

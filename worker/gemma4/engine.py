@@ -419,7 +419,8 @@ class Engine:
         """Greedy tokens per prompt (or the exception that dropped it), batched as ``stream`` batches clips.
 
         ``stop_ids`` default to the checkpoint's (``()``: run every budget out). ``joins[i]``
-        holds prompt i back until decode step ``joins[i]`` (rows joining mid-flight).
+        holds prompt i back until decode step ``joins[i]`` (rows joining mid-flight), or until no
+        row runs: an empty batch takes no more steps.
         """
         budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
         stop = self._stop(stop_ids)
@@ -430,7 +431,10 @@ class Engine:
         scheduler = self._scheduler(limits)
 
         def feed(free: int) -> list[Row] | None:
-            ready = [i for i in pending[:free] if joins[i] <= scheduler.stats["steps"]]
+            step = scheduler.stats["steps"]
+            if pending and not (scheduler.rows or scheduler.waiting):  # no step comes: the next due go now
+                step = max(step, joins[pending[0]])
+            ready = [i for i in pending[:free] if joins[i] <= step]
             for i in ready:
                 pending.remove(i)
             return [rows[i] for i in ready] if ready or pending else None

@@ -22,7 +22,8 @@ in halves and retried (so is a group the model refuses, so that the row at fault
 alone), and a row that does not fit beside the running rows waits, first in line, until
 one of them has left; a decode step that does not fit sends every running row back to the
 waiting line (prompt plus the tokens it has so far, re-prefilled later) and halves the row
-limit. Only a row that does not fit even alone on the device fails (``model_error``).
+limit, which doubles back after ``RECOVERY_STEPS`` steps that fit (twice as many after each
+relapse). Only a row that does not fit even alone on the device fails (``model_error``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from worker.gemma4.decoder import Decoder
 from worker.gemma4.kv_batch import KVBatch
 
 HOLES_SHARE = 0.5  # compact the batch when this share of its rows are holes
+RECOVERY_STEPS = 256  # decode steps that fit after which a lowered row limit doubles (twice that after each relapse)
 OOM_MARKERS = ("out of memory", "malloc]", "bad_alloc", "resource limit", "unable to allocate")
 
 
@@ -112,6 +114,10 @@ class Scheduler:
         self.decoder = decoder
         self.padding_slack = padding_slack
         self.max_rows = max_rows
+        self.rows_limit = max_rows  # the limit asked for; max_rows is lowered under it when memory runs out
+        self.clean_steps = 0  # decode steps since max_rows last changed
+        self.recovery_steps = RECOVERY_STEPS  # clean steps before it is raised again
+        self.raised = False  # it was raised since it was last lowered
         self.max_batch_tokens = max_batch_tokens
         self.prefill_tokens = prefill_tokens
         self.waiting: deque[Row] = deque()
@@ -226,7 +232,7 @@ class Scheduler:
         """A row whose prefill did not fit beside the running rows waits, first in line, until one of them has
         left (no more rows than run now are admitted): it fails only if it does not fit with none."""
         self.waiting.appendleft(row)
-        self.max_rows = len(self.running)
+        self._lower_rows(min(self.max_rows, len(self.running)))
 
     def _join(self, live: list[Row], first: mx.array, batch: KVBatch, finish: Finish) -> None:
         """Prefilled rows join the running batch: into holes where they fit, appended otherwise."""
@@ -317,6 +323,7 @@ class Scheduler:
             self._requeue_all()
             return
         self.stats["steps"] += 1
+        self._recover_rows()
         self.stats["tokens"] += len(running)
         self.stats["peak_rows"] = max(self.stats["peak_rows"], len(running))
         self.stats["peak_cache_tokens"] = max(self.stats["peak_cache_tokens"], self.batch.rows * self.batch.columns)
@@ -361,6 +368,21 @@ class Scheduler:
         if self.token is not None:
             self.token = self.token[mx.array(kept)]
 
+    def _lower_rows(self, rows: int) -> None:
+        if self.raised:  # raising it did not fit: memory is still short, so wait twice as long next time
+            self.recovery_steps *= 2
+        self.max_rows, self.clean_steps, self.raised = max(1, rows), 0, False
+
+    def _recover_rows(self) -> None:
+        """A lowered row limit doubles back towards the one asked for after ``recovery_steps`` clean steps:
+        memory may have run out for a while (another program's), and a worker's stream can last all
+        night. If it still does not fit, the next step or prefill lowers it again, failing nothing, and
+        the next raise waits twice as long, so a lasting shortage costs fewer and fewer retries."""
+        if self.max_rows < self.rows_limit:
+            self.clean_steps += 1
+            if self.clean_steps >= self.recovery_steps:
+                self.max_rows, self.clean_steps, self.raised = min(self.rows_limit, 2 * self.max_rows), 0, True
+
     def _clear(self) -> None:
         self.rows, self.batch, self.token = [], None, None
 
@@ -368,6 +390,6 @@ class Scheduler:
         """A step did not fit: every running row waits again (first in line), half as many rows."""
         running = self.running
         self.waiting.extendleft(reversed(running))
-        self.max_rows = max(1, len(running) // 2)
+        self._lower_rows(len(running) // 2)
         self._clear()
         mx.clear_cache()
