@@ -15,8 +15,9 @@ split (summed over jobs), queue + storage overhead (the share of the backlog's w
 engine was idle: between the first job's start and the last job's end, minus the time the
 worker's batches ran the engine, which is their time inside ``Engine.stream`` less the
 engine loop's own time in the worker's ``feed`` and ``on_done``: in an engine process, the
-child's waits for clips), warm-up, and the worker's peak RSS and MLX memory. Without ``--model`` it builds a random checkpoint of ``--preset``
-(default ``e2b-audio``: the real audio-tower dimensions), mlx layout.
+child's waits for clips), warm-up, and the worker's peak RSS and MLX memory. Without
+``--model`` it builds a random checkpoint of ``--preset`` (default ``e2b-audio``: the real
+audio-tower dimensions), mlx layout.
 
 With ``--peer-python`` (a separate venv with mlx-vlm 0.7.10, never an audioq dependency) it
 runs ``scripts/bench_peer_mlx_vlm.py`` on the first ``--peer-clips`` of the same clips, one at
