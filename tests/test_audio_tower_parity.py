@@ -25,7 +25,7 @@ from transformers.models.gemma4.modeling_gemma4 import (
     Gemma4MultimodalEmbedder,
 )
 
-from worker.gemma4 import features
+from worker.gemma4 import features, fusion
 from worker.gemma4.audio_tower import AudioConfig, AudioTower, sanitize_audio
 from worker.gemma4.projector import AudioEmbedder, valid_rows
 
@@ -158,6 +158,29 @@ def test_bf16_tower_stays_bf16_and_within_rounding_noise_of_hf_bf16(hf_tower):
     diff = np.abs(np.array(out.astype(mx.float32)) - ref)[np.array(out_mask)]
     scale = np.abs(ref).max()
     assert diff.max() <= 5e-2 * scale and diff.mean() <= 5e-3 * scale
+
+
+def bf16_weights(hf_model) -> dict[str, mx.array]:
+    return {k: v.astype(mx.bfloat16) for k, v in checkpoint_of(hf_model).items()}
+
+
+def test_fused_tower_as_on_a_gpu_gives_the_same_bits_and_takes_weights_loaded_later(hf_tower, monkeypatch):
+    """On a GPU the tower's elementwise chains run compiled (``fusion``); in bf16 the CPU compiles them too."""
+    feats, mask = features.log_mel([speechlike(48_123, seed=6), speechlike(16_160, seed=7)])
+    tower = mlx_tower_from(bf16_weights(hf_tower))
+    plain = tower(feats, mask)[0]
+    monkeypatch.setattr(fusion, "fusing", lambda: True)
+    assert mx.array_equal(tower(feats, mask)[0], plain).item()
+
+    other = Gemma4AudioModel(hf_tower.config).eval()
+    randomise(other, seed=1)
+    prefix = "audio_tower."
+    tower.load_weights([(k[len(prefix):], v) for k, v in sanitize_audio(bf16_weights(other)).items()
+                        if k.startswith(prefix)])
+    fused_after_loading = tower(feats, mask)[0]
+    monkeypatch.setattr(fusion, "fusing", lambda: False)
+    assert mx.array_equal(fused_after_loading, mlx_tower_from(bf16_weights(other))(feats, mask)[0]).item()
+    assert not mx.array_equal(fused_after_loading, plain).item()
 
 
 def test_clip_bounds_are_active_in_the_reference(hf_tower):

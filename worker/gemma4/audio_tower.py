@@ -7,6 +7,8 @@ SSCP conv [Cout, 3, 3, Cin], depthwise conv [C, K, 1].
 
 The tower computes in the dtype of its weights (bf16 for real checkpoints); RMSNorm,
 LayerNorm, the depthwise conv and the whole attention core run in float32, as in HF.
+Methods marked ``fused`` are the elementwise chains between the matmuls and the attention's
+reshapes: on a GPU each is compiled into few kernels (``fusion``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from worker.gemma4.activations import sigmoid, silu
+from worker.gemma4.fusion import fused
 
 SSCP_KERNEL = 3
 SSCP_STRIDE = 2
@@ -194,6 +197,7 @@ class FeedForward(nn.Module):
         self.gradient_clipping = config.gradient_clipping
         self.residual_weight = config.residual_weight
 
+    @fused
     def __call__(self, x: mx.array) -> mx.array:
         y = self.pre_layer_norm(_clamp(x, self.gradient_clipping))
         y = self.ffw_layer_2(silu(self.ffw_layer_1(y)))
@@ -240,6 +244,20 @@ class Attention(nn.Module):
         bd = bd.reshape(*lead, chunk * (self.context + 1))[..., : chunk * self.context]
         return bd.reshape(*lead, chunk, self.context)
 
+    @fused
+    def _scaled(self, q: mx.array, k: mx.array) -> tuple[mx.array, mx.array]:
+        """Projected queries and keys [B, T, H, hd] in float32, scaled."""
+        q = q.astype(mx.float32) * (self.q_scale * nn.softplus(self.per_dim_scale).astype(mx.float32))
+        return q, k.astype(mx.float32) * self.k_scale
+
+    @fused
+    def _probs(self, content: mx.array, position: mx.array, allowed: mx.array) -> mx.array:
+        """Soft-capped, masked logits → attention weights."""
+        logits = content + position
+        logits = mx.tanh(logits / self.logit_cap) * self.logit_cap
+        logits = mx.where(allowed, logits, self.invalid_logit)
+        return mx.softmax(logits, axis=-1, precise=True)
+
     def __call__(
         self, x: mx.array, rel_pos: mx.array, key_index: mx.array, allowed: mx.array
     ) -> mx.array:
@@ -247,11 +265,9 @@ class Attention(nn.Module):
         heads, hd, chunk = self.num_heads, self.head_dim, self.chunk
         blocks = allowed.shape[2]
 
-        q = self.q_proj(x).astype(mx.float32).reshape(batch, steps, heads, hd)
-        k = self.k_proj(x).astype(mx.float32).reshape(batch, steps, heads, hd)
+        q, k = self._scaled(self.q_proj(x).reshape(batch, steps, heads, hd),
+                            self.k_proj(x).reshape(batch, steps, heads, hd))
         v = self.v_proj(x).astype(mx.float32).reshape(batch, steps, heads, hd)
-        q = q * (self.q_scale * nn.softplus(self.per_dim_scale).astype(mx.float32))
-        k = k * self.k_scale
 
         # Query blocks [B, H, U, chunk, hd].
         q = mx.pad(q, [(0, 0), (0, blocks * chunk - steps), (0, 0), (0, 0)])
@@ -274,11 +290,7 @@ class Attention(nn.Module):
         position = (q.reshape(batch, heads, blocks * chunk, hd) @ rel_k).reshape(
             batch, heads, blocks, chunk, -1
         )
-        logits = content + self._rel_shift(position)
-        logits = mx.tanh(logits / self.logit_cap) * self.logit_cap
-        logits = mx.where(allowed, logits, self.invalid_logit)
-        probs = mx.softmax(logits, axis=-1, precise=True)
-
+        probs = self._probs(content, self._rel_shift(position), allowed)
         out = (probs @ v).transpose(0, 2, 3, 1, 4).reshape(batch, blocks * chunk, heads * hd)
         return self.post(out[:, :steps].astype(x.dtype))
 
@@ -293,11 +305,16 @@ class CausalDepthwiseConv1d(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         # Shifted multiply-adds in float32: several times faster than a grouped mx.conv1d.
         steps, kernel = x.shape[1], self.weight.shape[1]
-        taps = self.weight[:, :, 0].T.astype(mx.float32)  # [K, C]
         padded = mx.pad(x.astype(mx.float32), [(0, 0), (kernel - 1, 0), (0, 0)])
-        out = padded[:, :steps] * taps[0]
-        for j in range(1, kernel):
-            out = out + padded[:, j : j + steps] * taps[j]
+        return self._taps(x, *(padded[:, j : j + steps] for j in range(kernel)))
+
+    @fused
+    def _taps(self, x: mx.array, *shifted: mx.array) -> mx.array:
+        """Σ_j shifted[j] · tap j, in float32, cast to x's dtype."""
+        taps = self.weight[:, :, 0].T.astype(mx.float32)  # [K, C]
+        out = shifted[0] * taps[0]
+        for j in range(1, len(shifted)):
+            out = out + shifted[j] * taps[j]
         return out.astype(x.dtype)
 
 
@@ -315,9 +332,15 @@ class LightConv(nn.Module):
         self.gradient_clipping = config.gradient_clipping
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = self.linear_start(self.pre_layer_norm(x))
-        value, gate = mx.split(y, 2, axis=-1)
-        y = self.depthwise_conv1d(value * sigmoid(gate))
+        value, gate = mx.split(self.linear_start(self.pre_layer_norm(x)), 2, axis=-1)
+        return self._end(x, self.depthwise_conv1d(self._gate(value, gate)))
+
+    @fused
+    def _gate(self, value: mx.array, gate: mx.array) -> mx.array:
+        return value * sigmoid(gate)
+
+    @fused
+    def _end(self, x: mx.array, y: mx.array) -> mx.array:
         y = silu(self.conv_norm(_clamp(y, self.gradient_clipping)))
         return x + self.linear_end(y)
 
@@ -340,13 +363,23 @@ class ConformerLayer(nn.Module):
     def __call__(
         self, x: mx.array, rel_pos: mx.array, key_index: mx.array, allowed: mx.array
     ) -> mx.array:
-        clip = self.gradient_clipping
         x = self.feed_forward1(x)
-        y = self.self_attn(self.norm_pre_attn(_clamp(x, clip)), rel_pos, key_index, allowed)
-        x = x + self.norm_post_attn(_clamp(y, clip))
+        x = self._after_attention(x, self.self_attn(self._before_attention(x), rel_pos, key_index, allowed))
         x = self.lconv1d(x)
         x = self.feed_forward2(x)
-        return self.norm_out(_clamp(x, clip))
+        return self._out(x)
+
+    @fused
+    def _before_attention(self, x: mx.array) -> mx.array:
+        return self.norm_pre_attn(_clamp(x, self.gradient_clipping))
+
+    @fused
+    def _after_attention(self, x: mx.array, y: mx.array) -> mx.array:
+        return x + self.norm_post_attn(_clamp(y, self.gradient_clipping))
+
+    @fused
+    def _out(self, x: mx.array) -> mx.array:
+        return self.norm_out(_clamp(x, self.gradient_clipping))
 
 
 def attention_layout(mask: mx.array, config: AudioConfig) -> tuple[mx.array, mx.array]:
