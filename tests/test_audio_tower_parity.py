@@ -25,7 +25,7 @@ from transformers.models.gemma4.modeling_gemma4 import (
     Gemma4MultimodalEmbedder,
 )
 
-from worker.gemma4 import features, fusion
+from worker.gemma4 import audio_tower, features, fusion
 from worker.gemma4.audio_tower import AudioConfig, AudioTower, sanitize_audio
 from worker.gemma4.projector import AudioEmbedder, valid_rows
 
@@ -164,23 +164,52 @@ def bf16_weights(hf_model) -> dict[str, mx.array]:
     return {k: v.astype(mx.bfloat16) for k, v in checkpoint_of(hf_model).items()}
 
 
-def test_fused_tower_as_on_a_gpu_gives_the_same_bits_and_takes_weights_loaded_later(hf_tower, monkeypatch):
-    """On a GPU the tower's elementwise chains run compiled (``fusion``); in bf16 the CPU compiles them too."""
-    feats, mask = features.log_mel([speechlike(48_123, seed=6), speechlike(16_160, seed=7)])
+def test_fused_tower_as_on_a_gpu_gives_the_same_bits_for_any_batch_and_takes_weights_loaded_later(
+        hf_tower, monkeypatch):
+    """On a GPU the tower's elementwise chains run compiled (``fusion``); in bf16 the CPU compiles them too.
+
+    One compiled function serves every batch size, length and padding: the first call's
+    shapes must not stick.
+    """
+    batches = [features.log_mel([speechlike(48_123, seed=6), speechlike(16_160, seed=7)]),
+               features.log_mel([speechlike(n, seed=n) for n in (8_000, 116_800, 3_300)]),
+               features.log_mel([speechlike(4_000, seed=8)])]
     tower = mlx_tower_from(bf16_weights(hf_tower))
-    plain = tower(feats, mask)[0]
+    plain = [tower(feats, mask)[0] for feats, mask in batches]
     monkeypatch.setattr(fusion, "fusing", lambda: True)
-    assert mx.array_equal(tower(feats, mask)[0], plain).item()
+    for (feats, mask), expected in zip(batches, plain):
+        assert mx.array_equal(tower(feats, mask)[0], expected).item()
 
     other = Gemma4AudioModel(hf_tower.config).eval()
     randomise(other, seed=1)
     prefix = "audio_tower."
     tower.load_weights([(k[len(prefix):], v) for k, v in sanitize_audio(bf16_weights(other)).items()
                         if k.startswith(prefix)])
+    feats, mask = batches[0]
     fused_after_loading = tower(feats, mask)[0]
     monkeypatch.setattr(fusion, "fusing", lambda: False)
     assert mx.array_equal(fused_after_loading, mlx_tower_from(bf16_weights(other))(feats, mask)[0]).item()
-    assert not mx.array_equal(fused_after_loading, plain).item()
+    assert not mx.array_equal(fused_after_loading, plain[0]).item()
+
+
+class Interrupted(BaseException):
+    """Stands for an alarm's exception (a job's hard time limit) landing while a method is traced."""
+
+
+def test_a_trace_interrupted_midway_leaves_the_tower_whole(hf_tower, monkeypatch):
+    feats, mask = features.log_mel([speechlike(16_160, seed=9)])
+    tower = mlx_tower_from(bf16_weights(hf_tower))
+    plain = tower(feats, mask)[0]
+    monkeypatch.setattr(fusion, "fusing", lambda: True)
+
+    def interrupted(x):
+        raise Interrupted
+
+    with monkeypatch.context() as patch:
+        patch.setattr(audio_tower, "silu", interrupted)  # inside the feed-forward block's trace
+        with pytest.raises(Interrupted):
+            tower(feats, mask)
+    assert mx.array_equal(tower(feats, mask)[0], plain).item()
 
 
 def test_clip_bounds_are_active_in_the_reference(hf_tower):
