@@ -345,7 +345,10 @@ class Engine:
         ``limits`` override the engine's ``max_rows`` / ``max_batch_tokens`` / ``prefill_tokens``
         for this stream; ``stop_ids`` the checkpoint's stop ids (``()``: every clip spends its
         budget, as benchmarks want). Returns the stream's totals (``Scheduler.stats``, front-end
-        and tower seconds, and ``outside``: seconds in ``feed`` and ``on_done``). An exception
+        and tower seconds, ``outside``: seconds in ``feed`` and ``on_done``, and ``idle``: the
+        part of ``outside`` spent in ``feed`` with no row running or waiting to join, when the
+        device had nothing to do: before the first clips, between bursts, after the last
+        row). An exception
         raised by ``feed`` or ``on_done`` ends the stream and goes to the caller.
         """
         scheduler = self._scheduler(limits)
@@ -353,9 +356,13 @@ class Engine:
         arrivals: Arrivals[ClipRequest] = Arrivals(**self.join)
 
         def rows(free: int) -> list[Row] | None:
+            nothing_to_do = not scheduler.rows and not arrivals.pending
             started = time.perf_counter()
             clips = list(feed(max(free - len(arrivals.pending), 0)))
-            scheduler.stats["outside"] += time.perf_counter() - started
+            spent = time.perf_counter() - started
+            scheduler.stats["outside"] += spent
+            if nothing_to_do:
+                scheduler.stats["idle"] += spent
             arrivals.add(clips)
             ready = arrivals.take(running=bool(scheduler.rows), room=free)
             if ready:
@@ -373,8 +380,9 @@ class Engine:
 
     def _scheduler(self, limits: dict[str, int]) -> Scheduler:
         scheduler = Scheduler(self.decoder, **{**self.limits, **limits}, padding_slack=self.padding_slack)
-        # towers: tower calls; outside: seconds in the caller's feed and on_done (its waits for clips included)
-        scheduler.stats.update(front_end=0.0, audio_tower=0.0, towers=0, outside=0.0)
+        # towers: tower calls; outside: seconds in the caller's feed and on_done (its waits for clips included);
+        # idle: the part of outside in feed with nothing running or waiting (the device had nothing to do)
+        scheduler.stats.update(front_end=0.0, audio_tower=0.0, towers=0, outside=0.0, idle=0.0)
         return scheduler
 
     def _stop(self, stop_ids: tuple[int, ...] | None) -> frozenset[int]:
