@@ -356,7 +356,7 @@ class Engine:
         arrivals: Arrivals[ClipRequest] = Arrivals(**self.join)
 
         def rows(free: int) -> list[Row] | None:
-            nothing_to_do = not scheduler.rows and not arrivals.pending
+            nothing_to_do = not (scheduler.rows or scheduler.waiting or arrivals.pending)
             started = time.perf_counter()
             clips = list(feed(max(free - len(arrivals.pending), 0)))
             spent = time.perf_counter() - started
