@@ -347,22 +347,27 @@ class Engine:
         budget, as benchmarks want). Returns the stream's totals (``Scheduler.stats``, front-end
         and tower seconds, ``outside``: seconds in ``feed`` and ``on_done``, and ``idle``: the
         part of ``outside`` spent in ``feed`` with no row running or waiting to join, when the
-        device had nothing to do: before the first clips, between bursts, after the last
-        row). An exception
-        raised by ``feed`` or ``on_done`` ends the stream and goes to the caller.
+        device had nothing to do; ``idle_start`` is the part before the first clip came,
+        ``idle_end`` the part after the last row left, the rest came between bursts). An
+        exception raised by ``feed`` or ``on_done`` ends the stream and goes to the caller.
         """
         scheduler = self._scheduler(limits)
         stop = self._stop(stop_ids)
         arrivals: Arrivals[ClipRequest] = Arrivals(**self.join)
+        stats = scheduler.stats
 
         def rows(free: int) -> list[Row] | None:
             nothing_to_do = not (scheduler.rows or scheduler.waiting or arrivals.pending)
             started = time.perf_counter()
             clips = list(feed(max(free - len(arrivals.pending), 0)))
             spent = time.perf_counter() - started
-            scheduler.stats["outside"] += spent
+            stats["outside"] += spent
             if nothing_to_do:
-                scheduler.stats["idle"] += spent
+                stats["idle"] += spent
+                stats["idle_end" if stats["clips"] else "idle_start"] += spent
+            if clips:  # the stream's idle so far was not its end
+                stats["clips"] += len(clips)
+                stats["idle_end"] = 0.0
             arrivals.add(clips)
             ready = arrivals.take(running=bool(scheduler.rows), room=free)
             if ready:
@@ -381,8 +386,10 @@ class Engine:
     def _scheduler(self, limits: dict[str, int]) -> Scheduler:
         scheduler = Scheduler(self.decoder, **{**self.limits, **limits}, padding_slack=self.padding_slack)
         # towers: tower calls; outside: seconds in the caller's feed and on_done (its waits for clips included);
-        # idle: the part of outside in feed with nothing running or waiting (the device had nothing to do)
-        scheduler.stats.update(front_end=0.0, audio_tower=0.0, towers=0, outside=0.0, idle=0.0)
+        # idle: the part of outside in feed with nothing running or waiting (the device had nothing to do),
+        # idle_start / idle_end: before the first clip / after the last row; clips: clips fed
+        scheduler.stats.update(front_end=0.0, audio_tower=0.0, towers=0, outside=0.0, idle=0.0, idle_start=0.0,
+                               idle_end=0.0, clips=0)
         return scheduler
 
     def _stop(self, stop_ids: tuple[int, ...] | None) -> frozenset[int]:
