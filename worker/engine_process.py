@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -42,6 +43,7 @@ import mlx.core as mx
 from tokenizers import Tokenizer
 
 from producer.failures import AudioqError, FailureCode
+from worker import heap
 from worker.engine_link import Link
 from worker.failures import SHUTDOWN, classify
 from worker.gemma4.config import load_config
@@ -439,7 +441,10 @@ def serve(link: Link, path: str, options: dict[str, Any]) -> None:
         header = following or inbox.get()[0]
         following = None
         if header["op"] == "warm_up":
-            link.send({"op": "warmed", "seconds": engine.warm_up()})
+            started = time.perf_counter()
+            engine.warm_up()
+            heap.set_aside()  # the loop's own collections then walk only what its streams made
+            link.send({"op": "warmed", "seconds": time.perf_counter() - started})
         elif header["op"] == "stream":
             served = _Served(engine, link, inbox, header["stream"])
             served.run()

@@ -58,7 +58,7 @@ from producer.connection import connect
 from producer.failures import AudioqError, FailureCode
 from producer.printable import printable
 from producer.settings import Settings
-from worker import orphans, reaper, registration, retry_schedule, storage, task
+from worker import heap, orphans, reaper, registration, retry_schedule, storage, task
 from worker.batch import Batch
 from worker.failures import SHUTDOWN, failure_for
 from worker.engine_process import EngineLost, EngineProcess
@@ -561,6 +561,7 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, burst: bo
                  f" (process {engine.process.pid})" if settings.engine_process else "")
         log.info("warm-up (dummy clips through every stage and batch shape) took %.2f s", engine.warm_up())
         log.info("storage warm-up: %s", storage.warm_up(settings))
+        log.info("%d objects of the warmed-up worker set aside from garbage collection", heap.set_aside())
         connection = connect(settings)
         # A name that says which Mac ran (or lost) a job; RQ's default is a random hex id.
         worker = AudioWorker(queues or settings.queues, settings=settings, engine=engine, connection=connection,
