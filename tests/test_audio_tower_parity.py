@@ -59,13 +59,17 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
                 t.copy_(torch.randn(t.shape, generator=gen) * fan_in**-0.5)
 
 
-@pytest.fixture(scope="module")
-def hf_tower():
-    config = Gemma4AudioConfig(**SMALL)
+def hf_tower_of(params: dict):
+    config = Gemma4AudioConfig(**params)
     config._attn_implementation = "eager"
     model = Gemma4AudioModel(config).eval()
     randomise(model, seed=0)
     return model
+
+
+@pytest.fixture(scope="module")
+def hf_tower():
+    return hf_tower_of(SMALL)
 
 
 def checkpoint_of(hf_model) -> dict[str, mx.array]:
@@ -73,8 +77,8 @@ def checkpoint_of(hf_model) -> dict[str, mx.array]:
     return {f"audio_tower.{k}": mx.array(v.numpy()) for k, v in hf_model.state_dict().items()}
 
 
-def mlx_tower_from(weights: dict[str, mx.array]) -> AudioTower:
-    tower = AudioTower(AudioConfig.from_dict(SMALL))
+def mlx_tower_from(weights: dict[str, mx.array], params: dict = SMALL) -> AudioTower:
+    tower = AudioTower(AudioConfig.from_dict(params))
     sanitized = sanitize_audio(weights)
     prefix = "audio_tower."
     tower.load_weights([(k[len(prefix) :], v) for k, v in sanitized.items() if k.startswith(prefix)])
@@ -128,6 +132,21 @@ def test_batch_with_different_valid_lengths_matches_hf(hf_tower, mlx_tower):
     ours, ref = run_mlx(mlx_tower, feats, mask), run_hf(hf_tower, feats, mask)
     assert_valid_rows_match(ours, ref)
     assert ours[1].sum(axis=1).tolist() == [features.audio_token_count(n) for n in lengths]
+
+
+@pytest.mark.parametrize("horizons", [
+    dict(attention_chunk_size=5, attention_context_left=9, attention_context_right=0),
+    dict(attention_chunk_size=4, attention_context_left=9, attention_context_right=2),
+    dict(attention_chunk_size=4, attention_context_left=9, attention_context_right=4),
+], ids=["past-not-whole-blocks", "future-not-whole-blocks", "whole-blocks-past-and-future"])
+def test_other_attention_horizons_match_hf(horizons):
+    """E2B's horizons are whole blocks (12 past, none ahead): its keys are copied block by block. Other
+    horizons gather them by index; both ways, with a look-ahead too, are the reference's attention."""
+    params = {**SMALL, **horizons}
+    hf = hf_tower_of(params)
+    lengths = [16_160, 48_123, 8_000]
+    feats, mask = features.log_mel([speechlike(n, seed=i) for i, n in enumerate(lengths)])
+    assert_valid_rows_match(run_mlx(mlx_tower_from(checkpoint_of(hf), params), feats, mask), run_hf(hf, feats, mask))
 
 
 def test_batched_clip_equals_clip_alone(mlx_tower):

@@ -210,7 +210,10 @@ class Attention(nn.Module):
 
     Queries are cut into blocks of ``chunk`` positions; block u sees the ``context_size``
     keys starting ``max_past`` positions before it. ``allowed`` [B, 1, U, chunk, context]
-    holds the window and key-validity rule, computed once per forward by the tower.
+    holds the window and key-validity rule, computed once per forward by the tower. When
+    both horizons are whole blocks (E2B/E4B: 12 past, none ahead, blocks of 12), a block's
+    keys are its neighbouring blocks side by side, copied as views rather than gathered by
+    index (on the H100 the gather took 0.44 ms of a layer's 5.5 for the keys alone).
     """
 
     def __init__(self, config: AudioConfig):
@@ -224,6 +227,7 @@ class Attention(nn.Module):
         self.context = config.context_size
         self.logit_cap = config.attention_logit_cap
         self.invalid_logit = config.attention_invalid_logits_value
+        self.whole_blocks = self.past % self.chunk == 0 and self.future % self.chunk == 0
         self.q_scale = self.head_dim**-0.5 / math.log(2)
         self.k_scale = math.log(1 + math.e) / math.log(2)
 
@@ -243,6 +247,16 @@ class Attention(nn.Module):
         bd = mx.pad(bd, [(0, 0)] * (len(lead) + 1) + [(0, self.context + 1 - rows)])
         bd = bd.reshape(*lead, chunk * (self.context + 1))[..., : chunk * self.context]
         return bd.reshape(*lead, chunk, self.context)
+
+    @fused
+    def _projected(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """The query, key and value projections, their clamps fused around the matmuls."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    @fused
+    def _output(self, out: mx.array, like: mx.array) -> mx.array:
+        """The heads' output projected, in ``like``'s dtype."""
+        return self.post(out.astype(like.dtype))
 
     @fused
     def _scaled(self, q: mx.array, k: mx.array) -> tuple[mx.array, mx.array]:
@@ -265,9 +279,9 @@ class Attention(nn.Module):
         heads, hd, chunk = self.num_heads, self.head_dim, self.chunk
         blocks = allowed.shape[2]
 
-        q, k = self._scaled(self.q_proj(x).reshape(batch, steps, heads, hd),
-                            self.k_proj(x).reshape(batch, steps, heads, hd))
-        v = self.v_proj(x).astype(mx.float32).reshape(batch, steps, heads, hd)
+        q, k, v = self._projected(x)
+        q, k = self._scaled(q.reshape(batch, steps, heads, hd), k.reshape(batch, steps, heads, hd))
+        v = v.astype(mx.float32).reshape(batch, steps, heads, hd)
 
         # Query blocks [B, H, U, chunk, hd].
         q = mx.pad(q, [(0, 0), (0, blocks * chunk - steps), (0, 0), (0, 0)])
@@ -277,7 +291,12 @@ class Attention(nn.Module):
         def contexts(t: mx.array) -> mx.array:
             pad_right = blocks * chunk + self.future - steps
             t = mx.pad(t, [(0, 0), (self.past, pad_right), (0, 0), (0, 0)])
-            t = mx.take(t, key_index, axis=1)
+            if self.whole_blocks:  # block u's keys: padded blocks u .. u + span - 1
+                span = self.context // chunk
+                t = t.reshape(batch, blocks + span - 1, chunk, heads, hd)
+                t = mx.concatenate([t[:, j : j + blocks] for j in range(span)], axis=2)
+            else:
+                t = mx.take(t, key_index, axis=1)
             return t.reshape(batch, blocks, self.context, heads, hd).transpose(0, 3, 1, 2, 4)
 
         k, v = contexts(k), contexts(v)
@@ -292,7 +311,7 @@ class Attention(nn.Module):
         )
         probs = self._probs(content, self._rel_shift(position), allowed)
         out = (probs @ v).transpose(0, 2, 3, 1, 4).reshape(batch, blocks * chunk, heads * hd)
-        return self.post(out[:, :steps].astype(x.dtype))
+        return self._output(out[:, :steps], x)
 
 
 class CausalDepthwiseConv1d(nn.Module):
