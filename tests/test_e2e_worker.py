@@ -14,7 +14,8 @@ import json
 
 import pytest
 from conftest import make_tone
-from worker_fixtures import enqueue, failure_code, fetch, run_burst, start_worker, worker_settings, write_wav
+from worker_fixtures import (enqueue, failure_code, fetch, procs, run_burst, start_worker,  # noqa: F401
+                             worker_settings, write_wav)
 
 from producer import record
 from producer.schema import JobRequest, JobResult
@@ -115,5 +116,24 @@ def test_s3_settings_that_cannot_build_a_client_do_not_stop_the_worker(redis_url
     assert fetch(redis_conn, local.id).get_status() == "finished"
     assert failure_code(fetch(redis_conn, remote.id)) == "access_denied"
     assert "audioq-no-such-profile" in fetch(redis_conn, remote.id).get_meta()[record.META_FAILURE]["message"]
-    assert "storage warm-up: no S3 client (The config profile (audioq-no-such-profile) could not be found)" in \
-        (tmp_path / "worker.log").read_text()
+    log = (tmp_path / "worker.log").read_text()
+    assert "storage warm-up: no S3 client (" in log and "audioq-no-such-profile" in log
+
+
+def test_credentials_that_hang_delay_the_workers_start_by_one_storage_attempt_at_most(
+        redis_url, redis_conn, tiny_checkpoint, tmp_path, monkeypatch, procs):
+    """A credential_process that never answers (or a silent metadata endpoint): the warm-up gives up after
+    ``s3_attempt_timeout`` and the worker takes its jobs."""
+    (tmp_path / "aws-config").write_text("[profile stuck]\ncredential_process = sleep 30\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-config"))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    job = enqueue(redis_conn, {"audio_uri": write_wav(tmp_path / "a.wav", make_tone(1.0)).as_uri(),
+                               "max_new_tokens": 4})
+    settings = worker_settings(redis_url, model=str(tiny_checkpoint()), s3_region="us-east-1", s3_profile="stuck",
+                               s3_attempt_timeout=1.0)
+    procs.append(start_worker(settings, tmp_path / "worker.log", burst=True))
+    assert procs[0].wait(timeout=25) == 0
+    assert fetch(redis_conn, job.id).get_status() == "finished"
+    assert "did not finish building the S3 client within 1 s" in (tmp_path / "worker.log").read_text()

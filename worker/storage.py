@@ -221,13 +221,18 @@ def warm_up(settings: Settings) -> str:
 
     Building it parses botocore's service model and resolves the credentials: 0.1-0.3 s of
     Python that the first job's fetch paid while the model had nothing to run (the start of
-    every drain). Settings that cannot build a client (a profile that does not exist) do not
-    stop the worker, whose ``file://`` jobs may still run: the line says why, and each S3
-    job fails with that reason.
+    every drain). It is bounded like a storage attempt (``s3_attempt_timeout``): a credential
+    chain that hangs (a silent metadata endpoint, a stuck ``credential_process``) delays the
+    start by that much at most, and the build goes on in its thread for the jobs to use.
+    Settings that cannot build a client (a profile that does not exist) do not stop the
+    worker, whose ``file://`` jobs may still run: the line says why, and each S3 job fails
+    with that reason.
     """
     started = time.perf_counter()
     try:
-        _client(settings)
+        _bounded("the S3 client", "building", settings, None, lambda _: _client(settings))
+    except AudioqError as exc:  # cut off: the credentials are slow to resolve
+        return f"{exc.message}; the worker goes on, and S3 jobs wait for it within their own bounds"
     except Exception as exc:
         return f"no S3 client ({exc}): its S3 jobs will fail until the S3 settings are fixed"
     return f"S3 client built in {time.perf_counter() - started:.2f} s"
