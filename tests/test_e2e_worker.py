@@ -82,6 +82,7 @@ def test_a_worker_refuses_to_start_on_a_model_without_an_audio_tower(redis_url, 
     assert "has no audio tower" in caplog.text
     assert fetch(redis_conn, job.id).get_status() == "queued"
 
+
 def test_the_worker_finishes_its_warm_up_before_taking_its_first_job(redis_url, redis_conn, s3_bucket,
                                                                       tiny_checkpoint, tmp_path):
     """Its S3 client built (0.1-0.3 s of Python) and its resident heap set aside from the collector (a full
