@@ -4,7 +4,7 @@
         .venv/bin/python scripts/bench.py [--model DIR] [--clips 256] [--min-seconds 2] [--max-seconds 30] \\
         [--max-new-tokens 64] [--batch 1 32] [--token-budget 32768] [--prefetch 4] [--join-jobs 8] \\
         [--threads 8] [--settings NAME=VALUE,...] [--peer-python /tmp/vlmenv/bin/python] [--peer-clips 16] \\
-        [--json summary.json] [--log-dir DIR] [--profile]
+        [--json summary.json] [--log-dir DIR] [--profile] [--timeline]
 
 Starts its own redis-server and moto's S3 server (nothing kept), uploads ``--clips`` WAVs of
 mixed length (``bench_common.synthetic_clip``: clip i lasts a seeded random 2-30 s), enqueues
@@ -24,6 +24,10 @@ runs ``scripts/bench_peer_mlx_vlm.py`` on the first ``--peer-clips`` of the same
 a time, and prints its throughput (model time only: no queue, no storage) and the ratio.
 Random weights: audioq stops at a stop id while mlx-vlm always generates ``--max-new-tokens``,
 so compare tokens per second as well as audio seconds per second.
+
+With ``--timeline`` the worker's engine records its calls (``scripts/timeline``): each drain
+prints when the batch filled and emptied, its decode steps after joins and compactions
+against the others, and its tower and prefill calls' sizes; the events stay beside the log.
 """
 
 from __future__ import annotations
@@ -43,13 +47,16 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "scripts")]
+sys.path[:0] = [str(REPO), str(REPO / "scripts"), str(REPO / "scripts" / "timeline")]
 
+import engine_timeline  # noqa: E402
 from bench_common import synthetic_clip  # noqa: E402
 from demo import free_port, start_redis  # noqa: E402
 
 WORKER_MODE = "--run-worker"
 PROFILE_VARIABLE = "AUDIOQ_BENCH_PROFILE"
+TIMELINE_VARIABLE = "AUDIOQ_TIMELINE"
+TIMELINE = REPO / "scripts" / "timeline"
 STAGES = ("fetch", "decode_audio", "front_end", "audio_tower", "prefill", "generate", "write")
 BATCH_LINE = re.compile(r"batch: (\d+) jobs in ([\d.]+) s, ([\d.]+) s of it outside the engine[^;]*; engine: (.*)")
 WARM_UP_LINE = re.compile(r"warm-up .* took ([\d.]+) s")
@@ -88,7 +95,7 @@ def upload(endpoint: str, lengths: list[float]) -> list[str]:
 
 
 def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile: bool = False,
-          variant: str = "") -> dict:
+          variant: str = "", timeline: bool = False) -> dict:
     """Enqueue the backlog, drain it with one burst worker subprocess, and summarise the records."""
     import redis
 
@@ -111,6 +118,10 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     if profile:
         env[PROFILE_VARIABLE] = str(log_dir / f"{run_name}.profile.txt")
+    events = log_dir / f"{run_name}.timeline"
+    if timeline:
+        events.mkdir()
+        env.update({TIMELINE_VARIABLE: str(events), "PYTHONPATH": os.pathsep.join([str(TIMELINE), env["PYTHONPATH"]])})
     with open(log_path, "w") as log:
         subprocess.run([sys.executable, __file__, WORKER_MODE, settings.model_dump_json()], env=env, stdout=log,
                        stderr=subprocess.STDOUT, check=True)
@@ -145,6 +156,7 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
         "queue_storage_overhead": max(0.0, wall - in_engine) / wall,
         "engine_totals": engine_totals, "batches": len(batches),
         "warm_up_seconds": float(WARM_UP_LINE.search(text).group(1)), **memory,
+        "timeline": engine_timeline.summary(events) if timeline else [],
     }
 
 
@@ -170,6 +182,8 @@ def print_run(run: dict) -> None:
           f"warm-up {run['warm_up_seconds']:.2f} s; peak RSS {run['peak_rss_mb']:.0f} MB, "
           f"MLX {run['peak_mlx_memory_mb']:.0f} MB\n    stage seconds (summed over jobs): {stages}\n    engine: "
           + ", ".join(f"{k} {v:.3g}" for k, v in sorted(run["engine_totals"].items())))
+    for line in run["timeline"]:
+        print("    timeline: " + line)
 
 
 def describe(run: dict) -> str:
@@ -224,6 +238,8 @@ def main() -> int:
     parser.add_argument("--peer-clips", type=int, default=16, help="how many of the clips the peer runs")
     parser.add_argument("--json", help="write the summary here")
     parser.add_argument("--log-dir", type=Path, help="keep the worker logs here (default: deleted with the run)")
+    parser.add_argument("--timeline", action="store_true", help="record the engine's calls in each drain and "
+                        "print their summary (scripts/timeline)")
     parser.add_argument("--profile", action="store_true",
                         help="run each worker under cProfile (its main thread; from Python 3.12 on, cProfile "
                         "sees every thread); its top functions go beside its log")
@@ -257,7 +273,8 @@ def main() -> int:
                                      prefetch_threads=threads, batch_join_jobs=join,
                                      default_max_new_tokens=args.max_new_tokens, engine_process=process == "on",
                                      **overrides)
-            run = drain(settings, uris, args.max_new_tokens, args.log_dir or workdir, args.profile, variant)
+            run = drain(settings, uris, args.max_new_tokens, args.log_dir or workdir, args.profile, variant,
+                        args.timeline)
             summary["runs"].append(run)
             print_run(run)
         if args.peer_python:
