@@ -2,7 +2,8 @@
 
 ``scripts/bench.py --timeline`` puts this directory first on the worker's ``PYTHONPATH``, so
 the worker and its engine process (a child started with ``-m``) both read this file at start
-and record their engine's calls. Without the variable nothing happens.
+and record their engine's calls. Without the variable nothing happens. Being first on the path,
+it hides any other ``sitecustomize`` from those two processes (a distribution's, a venv's).
 """
 
 import importlib.abc
