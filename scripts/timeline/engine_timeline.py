@@ -47,8 +47,8 @@ def install(directory: str) -> None:
         """Called once per prefilled group, right after the engine added the group's seconds to its totals."""
         seconds = self.stats["prefill"] - getattr(self, "_timeline_prefill", 0.0)
         self._timeline_prefill = self.stats["prefill"]
-        lengths = [len(r.ids) + len(r.tokens) for r in live]
-        EVENTS.append(["prefill", _now() - seconds, _now(), len(live), max(lengths) * len(lengths), sum(lengths)])
+        lengths, ended = [len(r.ids) + len(r.tokens) for r in live], _now()
+        EVENTS.append(["prefill", ended - seconds, ended, len(live), max(lengths) * len(lengths), sum(lengths)])
         placed, appends = self.stats["placed"], self.stats["appends"]
         join(self, live, first, batch, finish)
         if self.stats["appends"] > appends:
@@ -66,8 +66,8 @@ def install(directory: str) -> None:
         tower, calls = stats["audio_tower"], stats["towers"]
         rows = encoded(self, group, stop, on_done, stats)
         if stats["towers"] > calls:  # the group reached the tower (its front-end did not fail)
-            seconds = stats["audio_tower"] - tower
-            EVENTS.append(["tower", _now() - seconds, _now(), len(rows)])
+            ended = _now()
+            EVENTS.append(["tower", ended - (stats["audio_tower"] - tower), ended, len(rows)])
         return rows
 
     def _stream(self, feed, on_done, **options):
