@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 EVENTS: list[list] = []
+TOWER_FRAMES = [0, 0]  # the tower calls' frames so far: padded (rows x length), and the clips' own
 COPIES = ("an append", "a placement", "a compaction")
 
 
@@ -35,7 +36,7 @@ def install(directory: str) -> None:
 
     Scheduler, Engine = scheduler.Scheduler, engine.Engine
     step, join, compact = Scheduler._step, Scheduler._join, Scheduler._compact
-    encoded, stream = Engine._encoded, Engine.stream
+    encoded, stream, tower_call = Engine._encoded, Engine.stream, Engine._tower
 
     def _step(self, finish):
         event = ["step", _now(), None, len(self.running)]
@@ -62,12 +63,19 @@ def install(directory: str) -> None:
         if self.stats["compactions"] > before:
             EVENTS.append(["copy", _now(), "a compaction"])
 
+    def _tower(self, features, mask):
+        """The mask is evaluated already (the front-end's), so counting its frames waits for nothing."""
+        TOWER_FRAMES[0] += mask.size
+        TOWER_FRAMES[1] += int(mask.sum().item())
+        return tower_call(self, features, mask)
+
     def _encoded(self, group, stop, on_done, stats):
-        tower, calls = stats["audio_tower"], stats["towers"]
+        tower, calls, frames = stats["audio_tower"], stats["towers"], list(TOWER_FRAMES)
         rows = encoded(self, group, stop, on_done, stats)
         if stats["towers"] > calls:  # the group reached the tower (its front-end did not fail)
             ended = _now()
-            EVENTS.append(["tower", ended - (stats["audio_tower"] - tower), ended, len(rows)])
+            EVENTS.append(["tower", ended - (stats["audio_tower"] - tower), ended, len(rows),
+                           TOWER_FRAMES[0] - frames[0], TOWER_FRAMES[1] - frames[1]])
         return rows
 
     def _stream(self, feed, on_done, **options):
@@ -94,7 +102,7 @@ def install(directory: str) -> None:
                 print(f"engine_timeline: stream not recorded: {exc}", file=sys.stderr)
 
     Scheduler._step, Scheduler._join, Scheduler._compact = _step, _join, _compact
-    Engine._encoded, Engine.stream = _encoded, _stream
+    Engine._encoded, Engine.stream, Engine._tower = _encoded, _stream, _tower
 
 
 def summary(directory: Path, min_clips: int = 8) -> list[str]:
@@ -140,6 +148,7 @@ def _stream_lines(start: float, end: float, events: list[list]) -> list[str]:
                 after[previous][1].append(e[2] - e[1])
             previous, pending_copy = (kind if kind != "none" else None), None
     padded, real = sum(e[4] for e in prefills), sum(e[5] for e in prefills)
+    frames, real_frames = sum(e[4] for e in towers), sum(e[5] for e in towers)
     lines = [
         f"{clips} clips in {end - start:.2f} s: the first at {first - start:.2f} s, 90 % of the peak {peak} rows "
         f"at {full - start:.2f} s, the last prefill done at {last_prefill - start:.2f} s, then "
@@ -151,7 +160,8 @@ def _stream_lines(start: float, end: float, events: list[list]) -> list[str]:
             + (f" (the step after those: {_median_ms(second)})" if kind != "none" else "")
             for kind, (first_after, second) in after.items()),
         f"tower: {len(towers)} calls, {sum(e[2] - e[1] for e in towers):.2f} s, "
-        f"{sum(e[3] for e in towers) / max(len(towers), 1):.1f} clips a call; prefill: {len(prefills)} calls, "
+        f"{sum(e[3] for e in towers) / max(len(towers), 1):.1f} clips a call, "
+        f"{1 - real_frames / frames if frames else 0:.0%} of their frames padding; prefill: {len(prefills)} calls, "
         f"{sum(e[2] - e[1] for e in prefills):.2f} s, {sum(e[3] for e in prefills) / max(len(prefills), 1):.1f} "
         f"rows a call, {1 - real / padded if padded else 0:.0%} of their tokens padding",
     ]
