@@ -14,7 +14,8 @@ raises, an alarm's exception for one: every later call of the module would fail.
 state is kept aside for the calls that trace and restored if one raises.
 
 On the CPU the methods run op by op: there the tower's float32 activations go through NumPy
-(``activations``), which a compiled function cannot call, and fusing was not measured there.
+(``activations``), which a compiled function cannot call, and a compiled chain is no faster
+(MLX's generated CPU kernels still call a scalar ``exp``; docs/benchmarks.md).
 Metal fuses like CUDA; it was not measured on a Mac either.
 """
 
