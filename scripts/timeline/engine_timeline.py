@@ -64,10 +64,12 @@ def install(directory: str) -> None:
             EVENTS.append(["copy", _now(), "a compaction"])
 
     def _tower(self, features, mask):
-        """The mask is evaluated already (the front-end's), so counting its frames waits for nothing."""
+        """Counts the frames of a call that returned (one out of memory is split and counted in its halves).
+        The mask is evaluated already (the front-end's), so counting its frames waits for nothing."""
+        rows = tower_call(self, features, mask)
         TOWER_FRAMES[0] += mask.size
         TOWER_FRAMES[1] += int(mask.sum().item())
-        return tower_call(self, features, mask)
+        return rows
 
     def _encoded(self, group, stop, on_done, stats):
         tower, calls, frames = stats["audio_tower"], stats["towers"], list(TOWER_FRAMES)
