@@ -3,8 +3,8 @@
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
         .venv/bin/python scripts/bench.py [--model DIR] [--clips 256] [--min-seconds 2] [--max-seconds 30] \\
         [--max-new-tokens 64] [--batch 1 32] [--token-budget 32768] [--prefetch 4] [--join-jobs 8] \\
-        [--threads 8] [--settings NAME=VALUE,...] [--peer-python /tmp/vlmenv/bin/python] [--peer-clips 16] \\
-        [--json summary.json] [--log-dir DIR] [--profile] [--timeline]
+        [--threads 8] [--settings NAME=VALUE,...] [--workers 1 2] [--peer-python /tmp/vlmenv/bin/python] \\
+        [--peer-clips 16] [--json summary.json] [--log-dir DIR] [--profile] [--timeline]
 
 Starts its own redis-server and moto's S3 server (nothing kept), uploads ``--clips`` WAVs of
 mixed length (``bench_common.synthetic_clip``: clip i lasts a seeded random 2-30 s), enqueues
@@ -18,6 +18,11 @@ engine loop's own time in the worker's ``feed`` and ``on_done``: in an engine pr
 child's waits for clips), warm-up, and the worker's peak RSS and MLX memory. Without
 ``--model`` it builds a random checkpoint of ``--preset`` (default ``e2b-audio``: the real
 audio-tower dimensions), mlx layout.
+
+With ``--workers 2`` (or more) that many burst workers drain the backlog at once, each with
+its own engine process and ``--batch`` / workers jobs, as several workers sharing one
+machine's accelerator would; the overhead is then the idlest engine's, the memory one
+worker's peak.
 
 With ``--peer-python`` (a separate venv with mlx-vlm 0.7.10, never an audioq dependency) it
 runs ``scripts/bench_peer_mlx_vlm.py`` on the first ``--peer-clips`` of the same clips, one at
@@ -95,8 +100,9 @@ def upload(endpoint: str, lengths: list[float]) -> list[str]:
 
 
 def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile: bool = False,
-          variant: str = "", timeline: bool = False) -> dict:
-    """Enqueue the backlog, drain it with one burst worker subprocess, and summarise the records."""
+          variant: str = "", timeline: bool = False, workers: int = 1) -> dict:
+    """Enqueue the backlog, drain it with ``workers`` burst worker subprocesses at once (each with its own
+    engine process: several workers sharing one machine's accelerator), and summarise the records."""
     import redis
 
     from producer import Client
@@ -109,12 +115,12 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
     enqueue_seconds = time.perf_counter() - started
     base = re.sub(r"[^\w.-]", "_", f"worker-{settings.batch_max_jobs}-{settings.prefetch_threads}-"
                   f"{settings.batch_join_jobs}-{'process' if settings.engine_process else 'inline'}"
-                  f"{'-' + variant if variant else ''}")
+                  f"{f'-x{workers}' if workers > 1 else ''}{'-' + variant if variant else ''}")
     run_name, repeat = base, 1
     while (log_dir / f"{run_name}.log").exists():  # the same configuration run again keeps its own log
         repeat += 1
         run_name = f"{base}.run{repeat}"
-    log_path = log_dir / f"{run_name}.log"
+    log_paths = [log_dir / f"{run_name}{f'.w{k}' if workers > 1 else ''}.log" for k in range(workers)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     if profile:
         env[PROFILE_VARIABLE] = str(log_dir / f"{run_name}.profile.txt")
@@ -122,40 +128,49 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
     if timeline:
         events.mkdir()
         env.update({TIMELINE_VARIABLE: str(events), "PYTHONPATH": os.pathsep.join([str(TIMELINE), env["PYTHONPATH"]])})
-    with open(log_path, "w") as log:
-        subprocess.run([sys.executable, __file__, WORKER_MODE, settings.model_dump_json()], env=env, stdout=log,
-                       stderr=subprocess.STDOUT, check=True)
-    text = log_path.read_text()
-    memory = json.loads(text.rsplit("BENCH-WORKER ", 1)[1].splitlines()[0])
-    batches = BATCH_LINE.findall(text)
-    engine_totals: dict[str, float] = {}  # the engine's own (Engine.stream's totals), summed over batches
-    for *_, totals in batches:
+    logs = [open(path, "w") for path in log_paths]
+    try:
+        running = [subprocess.Popen([sys.executable, __file__, WORKER_MODE, settings.model_dump_json()], env=env,
+                                    stdout=log, stderr=subprocess.STDOUT) for log in logs]
+        for process, path in zip(running, log_paths):
+            if process.wait() != 0:
+                raise RuntimeError(f"a worker exited with status {process.returncode}: {path}")
+    finally:
+        for log in logs:
+            log.close()
+    texts = [path.read_text() for path in log_paths]
+    memories = [json.loads(text.rsplit("BENCH-WORKER ", 1)[1].splitlines()[0]) for text in texts]
+    memory = {name: max(m[name] for m in memories) for name in memories[0]}  # one worker's peak
+    per_worker = [BATCH_LINE.findall(text) for text in texts]
+    engine_totals: dict[str, float] = {}  # the engines' own (Engine.stream's totals), summed over batches and workers
+    for *_, totals in (batch for batches in per_worker for batch in batches):
         for name, value in (item.rsplit(" ", 1) for item in totals.split(", ") if " " in item):
             engine_totals[name] = (max if name.startswith("peak") else sum)((engine_totals.get(name, 0), float(value)))
-    if "peak_mlx_memory_mb" in engine_totals:  # the engine process's own (the worker's is not the model's)
+    if "peak_mlx_memory_mb" in engine_totals:  # an engine process's own (the worker's is not the model's)
         memory["peak_mlx_memory_mb"] = engine_totals["peak_mlx_memory_mb"]
     jobs = client.status_many(ids)
     states = {s.state for s in jobs}
     failures = sorted({f"{s.failure.code.value}: {s.failure.message}" for s in jobs if s.failure})
     assert states == {"finished"}, (f"jobs not all finished: {sorted(states)}; first failures: {failures[:3]}; "
-                                    f"worker log: {log_path}")
+                                    f"worker logs: {', '.join(map(str, log_paths))}")
     results = [s.result for s in jobs]
     first = min(j.started_at for j in jobs)
     last = max(j.ended_at for j in jobs)
     wall = (last - first).total_seconds()
-    in_engine = sum(float(b_wall) - float(out) for _, b_wall, out, _ in batches)
+    # each engine's busy time: its batches' wall less their time outside it; the overhead is the idlest engine's
+    in_engine = min(sum(float(b_wall) - float(out) for _, b_wall, out, _ in batches) for batches in per_worker)
     audio = sum(r.audio_seconds for r in results)
     tokens = sum(r.tokens for r in results)
     return {
-        "settings": variant, "engine_process": settings.engine_process, "batch_max_jobs": settings.batch_max_jobs,
+        "settings": variant, "workers": workers, "engine_process": settings.engine_process, "batch_max_jobs": settings.batch_max_jobs,
         "prefetch_threads": settings.prefetch_threads,
         "batch_join_jobs": settings.batch_join_jobs, "jobs": len(ids), "audio_seconds": audio, "tokens": tokens,
         "enqueue_seconds": enqueue_seconds, "backlog_wall_seconds": wall,
         "audio_seconds_per_wall_second": audio / wall, "tokens_per_second": tokens / wall,
         "stage_seconds": {s: sum(r.timings.get(s, 0.0) for r in results) for s in STAGES},
         "queue_storage_overhead": max(0.0, wall - in_engine) / wall,
-        "engine_totals": engine_totals, "batches": len(batches),
-        "warm_up_seconds": float(WARM_UP_LINE.search(text).group(1)), **memory,
+        "engine_totals": engine_totals, "batches": sum(map(len, per_worker)),
+        "warm_up_seconds": max(float(WARM_UP_LINE.search(text).group(1)) for text in texts), **memory,
         "timeline": engine_timeline.summary(events) if timeline else [],
     }
 
@@ -187,8 +202,9 @@ def print_run(run: dict) -> None:
 
 
 def describe(run: dict) -> str:
-    return (f"engine_process {run['engine_process']}, batch_max_jobs {run['batch_max_jobs']}, prefetch_threads "
-            f"{run['prefetch_threads']}, join {run['batch_join_jobs']}" + (f", {run['settings']}" if run["settings"] else ""))
+    return (f"{run['workers']} x " if run["workers"] > 1 else "") + (
+        f"engine_process {run['engine_process']}, batch_max_jobs {run['batch_max_jobs']}, prefetch_threads "
+        f"{run['prefetch_threads']}, join {run['batch_join_jobs']}" + (f", {run['settings']}" if run["settings"] else ""))
 
 
 def run_worker_mode(settings_json: str) -> int:
@@ -234,6 +250,9 @@ def main() -> int:
     parser.add_argument("--settings", nargs="+", default=[""], metavar="NAME=VALUE,...",
                         help="worker settings per run, e.g. batch_encode_clips=32,batch_padding_slack=2 "
                         "(each variant runs with every other combination; '' for the defaults)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1],
+                        help="burst workers draining the backlog at once, each with its own engine process and "
+                        "--batch / workers jobs (and --token-budget / workers): the machine runs as many rows")
     parser.add_argument("--peer-python", help="python of a venv with mlx-vlm 0.7.10 (skipped without)")
     parser.add_argument("--peer-clips", type=int, default=16, help="how many of the clips the peer runs")
     parser.add_argument("--json", help="write the summary here")
@@ -263,18 +282,19 @@ def main() -> int:
         uris = upload(endpoint, lengths)
         summary = {"model": model, "clips": args.clips, "clip_seconds": [args.min_seconds, args.max_seconds],
                    "max_new_tokens": args.max_new_tokens, "runs": []}
-        for variant, process, threads, join, batch in [(v, p, t, j, b) for v in args.settings
-                                                       for p in args.engine_process for t in args.threads
-                                                       for j in args.join_jobs for b in args.batch]:
+        for variant, process, threads, join, batch, workers in [
+                (v, p, t, j, b, w) for v in args.settings for p in args.engine_process for t in args.threads
+                for j in args.join_jobs for b in args.batch for w in args.workers]:
             overrides = dict(item.split("=", 1) for item in variant.split(",") if item)
             settings = load_settings(environ={}, redis_url=redis_url, model=model, s3_endpoint_url=endpoint,
-                                     s3_region="us-east-1", s3_addressing_style="path", batch_max_jobs=batch,
-                                     batch_token_budget=args.token_budget, prefetch_jobs=args.prefetch,
+                                     s3_region="us-east-1", s3_addressing_style="path",
+                                     batch_max_jobs=max(batch // workers, 1),
+                                     batch_token_budget=max(args.token_budget // workers, 1), prefetch_jobs=args.prefetch,
                                      prefetch_threads=threads, batch_join_jobs=join,
                                      default_max_new_tokens=args.max_new_tokens, engine_process=process == "on",
                                      **overrides)
             run = drain(settings, uris, args.max_new_tokens, args.log_dir or workdir, args.profile, variant,
-                        args.timeline)
+                        args.timeline, workers)
             summary["runs"].append(run)
             print_run(run)
         if args.peer_python:
