@@ -116,25 +116,27 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
     base = re.sub(r"[^\w.-]", "_", f"worker-{settings.batch_max_jobs}-{settings.prefetch_threads}-"
                   f"{settings.batch_join_jobs}-{'process' if settings.engine_process else 'inline'}"
                   f"{f'-x{workers}' if workers > 1 else ''}{'-' + variant if variant else ''}")
+    names = [base + (f".w{k}" if workers > 1 else "") for k in range(workers)]
     run_name, repeat = base, 1
-    while (log_dir / f"{run_name}.log").exists():  # the same configuration run again keeps its own log
+    while (log_dir / f"{names[0]}.log").exists():  # the same configuration run again keeps its own logs
         repeat += 1
         run_name = f"{base}.run{repeat}"
-    log_paths = [log_dir / f"{run_name}{f'.w{k}' if workers > 1 else ''}.log" for k in range(workers)]
+        names = [run_name + (f".w{k}" if workers > 1 else "") for k in range(workers)]
+    log_paths = [log_dir / f"{name}.log" for name in names]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    if profile:
-        env[PROFILE_VARIABLE] = str(log_dir / f"{run_name}.profile.txt")
     events = log_dir / f"{run_name}.timeline"
     if timeline:
         events.mkdir()
         env.update({TIMELINE_VARIABLE: str(events), "PYTHONPATH": os.pathsep.join([str(TIMELINE), env["PYTHONPATH"]])})
     logs = [open(path, "w") for path in log_paths]
     try:
-        running = [subprocess.Popen([sys.executable, __file__, WORKER_MODE, settings.model_dump_json()], env=env,
-                                    stdout=log, stderr=subprocess.STDOUT) for log in logs]
-        for process, path in zip(running, log_paths):
-            if process.wait() != 0:
-                raise RuntimeError(f"a worker exited with status {process.returncode}: {path}")
+        running = [subprocess.Popen([sys.executable, __file__, WORKER_MODE, settings.model_dump_json()],
+                                    env={**env, PROFILE_VARIABLE: str(log_dir / f"{name}.profile.txt")} if profile
+                                    else env, stdout=log, stderr=subprocess.STDOUT) for name, log in zip(names, logs)]
+        failed = [f"{path} (status {process.returncode})" for process, path in zip(running, log_paths)
+                  if process.wait() != 0]  # every worker waited for, so none outlives the run
+        if failed:
+            raise RuntimeError(f"worker(s) failed: {', '.join(failed)}")
     finally:
         for log in logs:
             log.close()
