@@ -8,7 +8,7 @@
 
 Starts its own redis-server and moto's S3 server (nothing kept), uploads ``--clips`` WAVs of
 mixed length (``bench_common.synthetic_clip``: clip i lasts a seeded random 2-30 s), enqueues
-them through the producer (``Client.enqueue_many``), and drains the backlog with one burst
+them through the producer (``Client.enqueue_many``), and drains the backlog with a burst
 ``audioq worker`` subprocess per ``--batch`` value (``batch_max_jobs``; 1 is "batching off").
 For each it prints audio seconds per wall second, generated tokens per second, the per-stage
 split (summed over jobs), queue + storage overhead (the share of the backlog's wall time the
@@ -20,9 +20,11 @@ child's waits for clips), warm-up, and the worker's peak RSS and MLX memory. Wit
 audio-tower dimensions), mlx layout.
 
 With ``--workers 2`` (or more) that many burst workers drain the backlog at once, each with
-its own engine process and ``--batch`` / workers jobs, as several workers sharing one
-machine's accelerator would; the overhead is then the idlest engine's, the memory one
-worker's peak.
+``--batch`` / workers jobs and ``--token-budget`` / workers (its own ``--prefetch``), as
+several workers sharing one machine's accelerator would. The engine totals are then summed
+over the workers (engine seconds, which can pass the wall time), their peaks and memory
+too (at most the machine's: the peaks need not coincide), and the overhead is the idlest
+engine's, a worker that started late or got few jobs included.
 
 With ``--peer-python`` (a separate venv with mlx-vlm 0.7.10, never an audioq dependency) it
 runs ``scripts/bench_peer_mlx_vlm.py`` on the first ``--peer-clips`` of the same clips, one at
@@ -65,6 +67,13 @@ TIMELINE = REPO / "scripts" / "timeline"
 STAGES = ("fetch", "decode_audio", "front_end", "audio_tower", "prefill", "generate", "write")
 BATCH_LINE = re.compile(r"batch: (\d+) jobs in ([\d.]+) s, ([\d.]+) s of it outside the engine[^;]*; engine: (.*)")
 WARM_UP_LINE = re.compile(r"warm-up .* took ([\d.]+) s")
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def clip_lengths(count: int, low: float, high: float) -> list[float]:
@@ -129,26 +138,33 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
         events.mkdir()
         env.update({TIMELINE_VARIABLE: str(events), "PYTHONPATH": os.pathsep.join([str(TIMELINE), env["PYTHONPATH"]])})
     logs = [open(path, "w") for path in log_paths]
+    running: list[subprocess.Popen] = []
     try:
-        running = [subprocess.Popen([sys.executable, __file__, WORKER_MODE, settings.model_dump_json()],
-                                    env={**env, PROFILE_VARIABLE: str(log_dir / f"{name}.profile.txt")} if profile
-                                    else env, stdout=log, stderr=subprocess.STDOUT) for name, log in zip(names, logs)]
+        for name, log in zip(names, logs):
+            running.append(subprocess.Popen([sys.executable, __file__, WORKER_MODE, settings.model_dump_json()],
+                                            env={**env, PROFILE_VARIABLE: str(log_dir / f"{name}.profile.txt")}
+                                            if profile else env, stdout=log, stderr=subprocess.STDOUT))
         failed = [f"{path} (status {process.returncode})" for process, path in zip(running, log_paths)
-                  if process.wait() != 0]  # every worker waited for, so none outlives the run
+                  if process.wait() != 0]
         if failed:
             raise RuntimeError(f"worker(s) failed: {', '.join(failed)}")
+    except BaseException:  # interrupted, or a worker failed: none outlives the run (its Redis and S3 stop next)
+        for process in running:
+            process.kill()
+            process.wait()
+        raise
     finally:
         for log in logs:
             log.close()
     texts = [path.read_text() for path in log_paths]
     memories = [json.loads(text.rsplit("BENCH-WORKER ", 1)[1].splitlines()[0]) for text in texts]
-    memory = {name: max(m[name] for m in memories) for name in memories[0]}  # one worker's peak
+    memory = {name: sum(m[name] for m in memories) for name in memories[0]}  # the workers' together: one machine
     per_worker = [BATCH_LINE.findall(text) for text in texts]
-    engine_totals: dict[str, float] = {}  # the engines' own (Engine.stream's totals), summed over batches and workers
-    for *_, totals in (batch for batches in per_worker for batch in batches):
-        for name, value in (item.rsplit(" ", 1) for item in totals.split(", ") if " " in item):
-            engine_totals[name] = (max if name.startswith("peak") else sum)((engine_totals.get(name, 0), float(value)))
-    if "peak_mlx_memory_mb" in engine_totals:  # an engine process's own (the worker's is not the model's)
+    engine_totals: dict[str, float] = {}  # the engines' own (Engine.stream's totals), summed over the workers
+    for totals in map(worker_totals, per_worker):
+        for name, value in totals.items():
+            engine_totals[name] = engine_totals.get(name, 0) + value
+    if "peak_mlx_memory_mb" in engine_totals:  # the engine processes' own (the worker's is not the model's)
         memory["peak_mlx_memory_mb"] = engine_totals["peak_mlx_memory_mb"]
     jobs = client.status_many(ids)
     states = {s.state for s in jobs}
@@ -175,6 +191,15 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
         "warm_up_seconds": max(float(WARM_UP_LINE.search(text).group(1)) for text in texts), **memory,
         "timeline": engine_timeline.summary(events) if timeline else [],
     }
+
+
+def worker_totals(batches: list[tuple]) -> dict[str, float]:
+    """One worker's engine totals from its batch lines: seconds and counts summed, peaks the largest."""
+    totals: dict[str, float] = {}
+    for *_, line in batches:
+        for name, value in (item.rsplit(" ", 1) for item in line.split(", ") if " " in item):
+            totals[name] = (max if name.startswith("peak") else sum)((totals.get(name, 0), float(value)))
+    return totals
 
 
 def peer(python: str, model: str, lengths: list[float], max_new_tokens: int) -> dict:
@@ -252,9 +277,10 @@ def main() -> int:
     parser.add_argument("--settings", nargs="+", default=[""], metavar="NAME=VALUE,...",
                         help="worker settings per run, e.g. batch_encode_clips=32,batch_padding_slack=2 "
                         "(each variant runs with every other combination; '' for the defaults)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1],
+    parser.add_argument("--workers", type=positive, nargs="+", default=[1],
                         help="burst workers draining the backlog at once, each with its own engine process and "
-                        "--batch / workers jobs (and --token-budget / workers): the machine runs as many rows")
+                        "--batch / workers jobs, at least 1 (and --token-budget / workers): the machine runs "
+                        "about as many rows")
     parser.add_argument("--peer-python", help="python of a venv with mlx-vlm 0.7.10 (skipped without)")
     parser.add_argument("--peer-clips", type=int, default=16, help="how many of the clips the peer runs")
     parser.add_argument("--json", help="write the summary here")
