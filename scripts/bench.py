@@ -125,12 +125,12 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
     base = re.sub(r"[^\w.-]", "_", f"worker-{settings.batch_max_jobs}-{settings.prefetch_threads}-"
                   f"{settings.batch_join_jobs}-{'process' if settings.engine_process else 'inline'}"
                   f"{f'-x{workers}' if workers > 1 else ''}{'-' + variant if variant else ''}")
-    names = [base + (f".w{k}" if workers > 1 else "") for k in range(workers)]
     run_name, repeat = base, 1
-    while (log_dir / f"{names[0]}.log").exists():  # the same configuration run again keeps its own logs
+    first_log = "" if workers == 1 else ".w0"
+    while (log_dir / f"{run_name}{first_log}.log").exists():  # the same configuration run again keeps its own logs
         repeat += 1
         run_name = f"{base}.run{repeat}"
-        names = [run_name + (f".w{k}" if workers > 1 else "") for k in range(workers)]
+    names = [run_name + (f".w{k}" if workers > 1 else "") for k in range(workers)]
     log_paths = [log_dir / f"{name}.log" for name in names]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     events = log_dir / f"{run_name}.timeline"
@@ -180,8 +180,8 @@ def drain(settings, uris: list[str], max_new_tokens: int, log_dir: Path, profile
     audio = sum(r.audio_seconds for r in results)
     tokens = sum(r.tokens for r in results)
     return {
-        "settings": variant, "workers": workers, "engine_process": settings.engine_process, "batch_max_jobs": settings.batch_max_jobs,
-        "prefetch_threads": settings.prefetch_threads,
+        "settings": variant, "workers": workers, "engine_process": settings.engine_process,
+        "batch_max_jobs": settings.batch_max_jobs, "prefetch_threads": settings.prefetch_threads,
         "batch_join_jobs": settings.batch_join_jobs, "jobs": len(ids), "audio_seconds": audio, "tokens": tokens,
         "enqueue_seconds": enqueue_seconds, "backlog_wall_seconds": wall,
         "audio_seconds_per_wall_second": audio / wall, "tokens_per_second": tokens / wall,
@@ -317,8 +317,8 @@ def main() -> int:
             settings = load_settings(environ={}, redis_url=redis_url, model=model, s3_endpoint_url=endpoint,
                                      s3_region="us-east-1", s3_addressing_style="path",
                                      batch_max_jobs=max(batch // workers, 1),
-                                     batch_token_budget=max(args.token_budget // workers, 1), prefetch_jobs=args.prefetch,
-                                     prefetch_threads=threads, batch_join_jobs=join,
+                                     batch_token_budget=max(args.token_budget // workers, 1),
+                                     prefetch_jobs=args.prefetch, prefetch_threads=threads, batch_join_jobs=join,
                                      default_max_new_tokens=args.max_new_tokens, engine_process=process == "on",
                                      **overrides)
             run = drain(settings, uris, args.max_new_tokens, args.log_dir or workdir, args.profile, variant,
